@@ -1,0 +1,131 @@
+"""The ``mergeserve`` command line.
+
+Every user mistake is a :class:`~mergeserve.errors.MergeServeError`: it is printed as one line
+(``mergeserve: error: ...``) and the process exits with that error's code (2 for bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mergeserve.errors import MergeServeError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge models from a mergekit-format YAML recipe")
+    p.add_argument("config", help="recipe YAML (mergekit format)")
+    p.add_argument("out", help="output directory (appears atomically when the merge succeeds)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the tensor math (default cpu)")
+    p.add_argument("--out-shard-size", default="5B", help="max bytes per output shard, e.g. 5B, 500M (default 5B)")
+    p.add_argument("--out-dtype", choices=["bfloat16", "float16", "float32", "fp8"], help="overrides the recipe's out_dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--models-dir", help="resolve model ids (org/name) under this directory first")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin checkpoints (weights only)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random methods (dare, della); default 0")
+    p.add_argument("--plan-only", action="store_true", help="print the plan and exit without merging")
+    p.add_argument("--local", action="store_true", help="merge in this process, without Ray")
+    p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port (default: start a local Ray)")
+    p.add_argument("--workers", type=int, help="number of merge actors (default: one per GPU, else per 2 CPUs... sized to the cluster)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, verifying finished shards")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_merge(a: argparse.Namespace) -> int:
+    common = dict(
+        out_shard_size=a.out_shard_size, out_dtype=a.out_dtype, models_dir=a.models_dir,
+        allow_pickle=a.allow_pickle, seed=a.seed,
+    )
+    if a.plan_only:
+        from mergeserve.merge.api import plan_merge
+
+        print(plan_merge(a.config, **common)[2].describe())
+        return 0
+    if a.local:
+        from mergeserve.merge.api import merge
+
+        result = merge(a.config, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet, **common)
+    else:
+        from mergeserve.cluster.driver import merge_distributed
+
+        result = merge_distributed(
+            a.config, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet,
+            address=a.address, workers=a.workers, resume=a.resume, **common,
+        )
+    print(result.summary())
+    return 0
+
+
+def _cmd_validate(a: argparse.Namespace) -> int:
+    from mergeserve.merge.api import plan_merge
+    from mergeserve.merge.config import load_config
+
+    if a.schema_only:
+        load_config(a.config)
+        print(f"{a.config}: valid recipe (schema only)")
+        return 0
+    plan = plan_merge(a.config, models_dir=a.models_dir, out_dtype=a.out_dtype)[2]
+    print(f"{a.config}: valid ({plan.method}, {len(plan.models)} models, {plan.num_layers} layers, {plan.num_tensors} tensors)")
+    return 0
+
+
+def _cmd_tiny(a: argparse.Namespace) -> int:
+    from mergeserve.tiny_models import build_tiny_family
+
+    fam = build_tiny_family(a.out, archs=tuple(a.arch), force=a.force)
+    for arch, paths in fam.items():
+        print(arch + ": " + ", ".join(f"{k}={v}" for k, v in paths.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergeserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_merge(sub)
+    v = sub.add_parser("validate", help="check a recipe and its input models without merging")
+    v.add_argument("config")
+    v.add_argument("--models-dir")
+    v.add_argument("--out-dtype", choices=["bfloat16", "float16", "float32", "fp8"])
+    v.add_argument("--schema-only", action="store_true", help="check the YAML only, not the models")
+    t = sub.add_parser("tiny-models", help="build the local tiny model family (tokenizer, base, two fine-tunes)")
+    t.add_argument("out")
+    t.add_argument("--arch", nargs="+", default=["mistral", "llama", "qwen2"], choices=["mistral", "llama", "qwen2"])
+    t.add_argument("--force", action="store_true")
+    for extra in _extra_commands():
+        extra(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands living in other subpackages (serve, loadtest, sweep), registered if present."""
+    out = []
+    for mod in ("mergeserve.serve.cli", "mergeserve.loadtest.cli", "mergeserve.cluster.sweep_cli"):
+        try:
+            m = __import__(mod, fromlist=["register"])
+        except ImportError:
+            continue
+        out.append(m.register)
+    return out
+
+
+COMMANDS = {"merge": _cmd_merge, "validate": _cmd_validate, "tiny-models": _cmd_tiny}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return int(handler(args) or 0)
+    except MergeServeError as e:
+        print(f"mergeserve: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mergeserve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

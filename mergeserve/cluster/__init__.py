@@ -1,0 +1,1 @@
+"""Distributed execution of merge plans on Ray."""

@@ -1,0 +1,217 @@
+"""The distributed merge driver: plan, dispatch shards to Ray actors, assemble, commit.
+
+Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
+
+1. Validate the recipe and every input header, build the plan (no Ray needed). Ray start-up runs
+   in a background thread meanwhile, so its ~2 s overlap with planning.
+2. Connect: a local Ray sized to this machine when no ``--address``; ``auto`` or ``ray://host:port``
+   (or ``host:port``) joins an existing cluster. An unreachable address fails within seconds.
+3. A pool of :class:`~mergeserve.cluster.actors.MergeWorker` actors runs the shard tasks. Inputs
+   must be on a filesystem every node sees (the same paths), and so must OUT's parent directory.
+4. The driver writes index, config, tokenizer, card and manifest, then renames the staging
+   directory into place. ``--resume`` reuses the staging directory of an interrupted run: it
+   refuses if the recipe or any input changed, verifies finished shards by sha256, redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mergeserve.errors import ClusterError, ConfigError, InputError, MergeServeError, ResourceError, ResumeError
+from mergeserve.merge.api import MergeResult, _check_device, _progress, plan_merge
+from mergeserve.merge.execute import ShardResult, TensorRecord, peak_rss_bytes
+from mergeserve.merge.outputs import write_metadata
+from mergeserve.merge.plan import MergePlan
+from mergeserve.merge.reader import fingerprint
+from mergeserve.merge.writer import StagingDir
+from mergeserve.cluster.resume import load_done_shards, write_run_state
+
+AUTO_SHARDS_PER_WORKER = 3
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Fail fast on an address nobody listens on (ray.init would retry for a long time)."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ClusterError(f"--address {address}: Ray cluster unreachable ({e.strerror or e})") from None
+
+
+def connect(address: str | None) -> bool:
+    """Initialise Ray; returns True if this call started a local cluster (to shut it down after)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address is None:
+        ray.init(
+            num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+            _node_ip_address="127.0.0.1", configure_logging=False,
+        )
+        return True
+    if address != "auto":
+        _probe(address)
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ClusterError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
+    return False
+
+
+def cluster_workers(requested: int | None, n_shards: int) -> tuple[int, dict[str, float], str]:
+    """(number of actors, resources per actor, device) from the cluster's resources."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    if gpus:
+        n = requested or gpus
+        return max(1, min(n, n_shards)), {"num_gpus": 1, "num_cpus": 1}, "cuda"
+    cpus = int(res.get("CPU", 1))
+    n = requested or cpus
+    return max(1, min(n, n_shards)), {"num_cpus": 1}, "cpu"
+
+
+def _auto_shard_size(config: Any, workers_hint: int, **kw: Any) -> int:
+    """Enough shards for every worker to stay busy, each holding whole layers, at most 5 GB."""
+    _, _, probe = plan_merge(config, out_shard_size=10**15, **kw)
+    return max(1, min(5_000_000_000, probe.bytes_written // max(1, workers_hint * AUTO_SHARDS_PER_WORKER)))
+
+
+def merge_distributed(
+    config: Any,
+    out_dir: str | Path,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    out_shard_size: str | int | None = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    **plan_kw: Any,
+) -> MergeResult:
+    """Merge on Ray. ``plan_kw``: out_dtype, models_dir, allow_pickle, seed (see merge.api.merge)."""
+    t0 = time.perf_counter()
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {workers}")
+    ray_box: dict[str, Any] = {}
+
+    def _start():
+        try:
+            ray_box["own"] = connect(address)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            ray_box["err"] = e
+
+    starter = threading.Thread(target=_start, daemon=True)
+    starter.start()
+    try:
+        if out_shard_size in (None, "auto"):
+            out_shard_size = _auto_shard_size(config, workers or os.cpu_count() or 1, **plan_kw)
+        cfg, text, plan = plan_merge(config, out_shard_size=out_shard_size, **plan_kw)
+        if device != "cpu":
+            _check_device(device)
+        stage = StagingDir(out_dir, overwrite=overwrite or resume, resume=resume)
+    finally:
+        starter.join()
+    if "err" in ray_box:
+        raise ray_box["err"]
+    own = ray_box.get("own", False)
+    try:
+        return _run(cfg, text, plan, stage, workers, resume, progress, t0)
+    finally:
+        if own:
+            import ray
+
+            ray.shutdown()
+
+
+def _run(cfg, text, plan: MergePlan, stage: StagingDir, workers, resume, progress, t0) -> MergeResult:
+    import ray
+    from ray.util import ActorPool
+
+    from mergeserve.cluster.actors import MergeWorker
+
+    inputs = {m.ref: fingerprint(m.path) for m in plan.models}
+    done: dict[int, ShardResult] = {}
+    if resume:
+        done = load_done_shards(stage.path, plan, inputs)
+    else:
+        write_run_state(stage.path, plan, inputs)
+    todo = [s for s in plan.shards if s.index not in done]
+    results: list[ShardResult] = list(done.values())
+    n, resources, dev = cluster_workers(workers, max(1, len(todo)))
+    keep_partial = True
+    try:
+        with _progress(plan, progress) as bar:
+            bar.update(sum(r.bytes_written for r in results))
+            if todo:
+                actors = [
+                    MergeWorker.options(max_restarts=-1, max_task_retries=3, **resources).remote(dev) for _ in range(n)
+                ]
+                plan_ref = ray.put(plan)
+                pool = ActorPool(actors)
+                for shard in todo:
+                    pool.submit(lambda a, s: a.run.remote(plan_ref, s.index, str(stage.path)), shard)
+                while pool.has_next():
+                    try:
+                        res = pool.get_next_unordered()
+                    except Exception as e:  # noqa: BLE001 - mapped to our error types below
+                        raise _map_ray_error(e, todo) from None
+                    results.append(res)
+                    bar.update(res.bytes_written)
+                for a in actors:
+                    ray.kill(a)
+        write_metadata(stage.path, cfg, text, plan, results, seconds=time.perf_counter() - t0)
+        for s in plan.shards:  # resume records are not part of the checkpoint
+            (stage.path / f".{s.filename}.done.json").unlink(missing_ok=True)
+        (stage.path / ".mergeserve-run.json").unlink(missing_ok=True)
+        out = stage.commit()
+    except (InputError, ConfigError, ResourceError):
+        keep_partial = False
+        raise
+    except BaseException:
+        if keep_partial and any(True for _ in stage.path.glob("*.safetensors")):
+            import sys
+
+            print(f"mergeserve: partial results kept in {stage.path}; rerun with --resume to finish", file=sys.stderr)
+        raise
+    finally:
+        if not keep_partial:
+            stage.discard()
+    workers_rss: dict[str, int] = {}
+    for r in results:
+        workers_rss[r.worker] = max(workers_rss.get(r.worker, 0), r.peak_rss)
+    return MergeResult(out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), workers_rss)
+
+
+def _map_ray_error(e: Exception, todo) -> MergeServeError:
+    """Ray wraps task failures; unwrap ours, and name the shard for OOM and lost workers."""
+    import ray.exceptions as rex
+
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, MergeServeError):
+        return cause
+    if isinstance(e, MergeServeError):
+        return e
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    shard = next((s.filename for s in todo if s.filename in str(e)), None)
+    where = f"shard {shard}" if shard else "a shard"
+    if isinstance(e, rex.OutOfMemoryError):
+        return ResourceError(f"a merge worker ran out of memory on {where}: {msg}")
+    if isinstance(e, (rex.RayActorError, rex.WorkerCrashedError)):
+        return ResourceError(f"a merge worker died on {where} and retries were exhausted: {msg}")
+    return ResourceError(f"merge failed on {where}: {msg}")

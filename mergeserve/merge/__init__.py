@@ -1,0 +1,1 @@
+"""The pure merge engine: torch, safetensors, pydantic and pyyaml only (no Ray)."""

@@ -1,0 +1,242 @@
+"""mergekit-compatible merge recipes as validated pydantic models.
+
+The YAML a user pastes from a model card (``slices`` / ``models``, ``merge_method``,
+``base_model``, ``parameters`` with gradients and filters, ``dtype``, ``out_dtype``,
+``tokenizer_source`` / ``tokenizer``, ``chat_template``) parses into :class:`MergeConfig`.
+Structural problems are collected by pydantic; :func:`load_config` turns them all into ONE
+:class:`~mergeserve.errors.ConfigError` whose message names every field. Semantic checks that
+need the method registry or the input models' ``config.json`` live in :mod:`.validate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergeserve.errors import ConfigError
+
+Scalar = Union[bool, int, float, str]
+# A gradient: K values interpolated over the layers of a slice (numbers), or picked (bools/strings).
+Gradient = list[Scalar]
+
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {
+    "fp32": "float32", "float": "float32", "float32": "float32",
+    "fp16": "float16", "half": "float16", "float16": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FilteredValue(_Strict):
+    """One item of a filter list: applies ``value`` to tensors whose name contains ``filter``."""
+
+    filter: str | None = Field(None, description="Substring of the output tensor name; None or '*' matches all")
+    value: Union[Scalar, Gradient] = Field(description="A scalar or a gradient (list of values)")
+
+    @field_validator("value")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("empty gradient (a list needs at least one value)")
+        return v
+
+
+# A parameter setting: scalar, gradient, one filtered value, or a list of filtered values.
+ParameterSetting = Union[Scalar, Gradient, FilteredValue, list[FilteredValue]]
+
+
+def _check_settings(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    if params is None:
+        return None
+    for name, setting in params.items():
+        if isinstance(setting, list) and not setting:
+            raise ValueError(f"parameter {name!r}: empty gradient (a list needs at least one value)")
+    return params
+
+
+class ModelRef(_Strict):
+    """A model reference: ``path``, ``path@revision`` or ``path+lora_path``."""
+
+    path: str = Field(description="Local directory or hub id")
+    revision: str | None = Field(None, description="Hub revision after '@'")
+    lora: str | None = Field(None, description="LoRA adapter after '+' (merged into the model first)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("empty model reference")
+            base, _, lora = value.partition("+")
+            if base.count("@") > 1:
+                raise ValueError(f"model reference {value!r} has more than one '@'")
+            path, _, rev = base.partition("@")
+            return {"path": path, "revision": rev or None, "lora": lora or None}
+        return value
+
+    def __str__(self) -> str:
+        s = self.path + (f"@{self.revision}" if self.revision else "")
+        return s + (f"+{self.lora}" if self.lora else "")
+
+
+class InputModel(_Strict):
+    model: ModelRef = Field(description="The input model")
+    parameters: dict[str, ParameterSetting] | None = Field(None, description="Per-model parameters")
+
+    _params = field_validator("parameters")(classmethod(lambda cls, v: _check_settings(v)))
+
+
+class InputSlice(_Strict):
+    model: ModelRef = Field(description="The input model")
+    layer_range: tuple[int, int] = Field(description="Half-open range [start, end) of layers taken")
+    parameters: dict[str, ParameterSetting] | None = Field(None, description="Per-source parameters")
+
+    _params = field_validator("parameters")(classmethod(lambda cls, v: _check_settings(v)))
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range {list(v)} must satisfy 0 <= start < end")
+        return v
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice] = Field(min_length=1, description="Layer ranges merged into this slice")
+    base_model: ModelRef | None = Field(None, description="Overrides the top-level base_model for this slice")
+    residual_weight: float | None = Field(None, description="Accepted for compatibility; unused by mergekit's planner")
+    parameters: dict[str, ParameterSetting] | None = Field(None, description="Slice-level parameters")
+
+    _params = field_validator("parameters")(classmethod(lambda cls, v: _check_settings(v)))
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "OutputSlice":
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"{s.model}: {list(s.layer_range)}" for s in self.sources)
+            raise ValueError(f"sources' layer_range lengths differ ({ranges})")
+        return self
+
+
+class TokenEmbedding(_Strict):
+    source: Any = Field(None, description="Where the new token's embedding comes from")
+    force: bool = Field(False, description="Override an existing embedding")
+
+
+class TokenizerSettings(_Strict):
+    source: Union[Literal["union", "base"], ModelRef] = Field("union", description="'base', 'union' or a model")
+    tokens: dict[str, TokenEmbedding] | None = Field(None, description="Extra tokens and their embeddings")
+    pad_to_multiple_of: int | None = Field(None, ge=1, description="Pad the vocabulary size")
+
+
+class MergeConfig(_Strict):
+    """A whole recipe, in mergekit's schema."""
+
+    merge_method: str = Field(description="Registry name of the merge method, e.g. slerp")
+    slices: list[OutputSlice] | None = Field(None, description="Output slices built from input layer ranges")
+    models: list[InputModel] | None = Field(None, description="Whole models merged layer for layer")
+    base_model: ModelRef | None = Field(None, description="The base model (t=0 end for slerp, delta origin)")
+    parameters: dict[str, ParameterSetting] | None = Field(None, description="Top-level parameters")
+    dtype: str | None = Field(None, description="Inputs are cast to this dtype when loaded")
+    out_dtype: str | None = Field(None, description="The output is cast to this dtype when saved")
+    tokenizer_source: Union[Literal["union", "base"], ModelRef, None] = Field(None, description="Tokenizer to write")
+    tokenizer: TokenizerSettings | None = Field(None, description="Tokenizer settings (instead of tokenizer_source)")
+    chat_template: str | None = Field(None, description="'auto', a built-in template name, or Jinja text")
+    name: str | None = Field(None, description="Accepted for compatibility (mergekit-moe / LazyMergekit)")
+
+    _params = field_validator("parameters")(classmethod(lambda cls, v: _check_settings(v)))
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v not in DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype {v!r} (use one of {', '.join(DTYPES)})")
+        return DTYPE_ALIASES[v]
+
+    @model_validator(mode="after")
+    def _shape(self) -> "MergeConfig":
+        if (self.slices is None) == (self.models is None):
+            raise ValueError("exactly one of 'models' or 'slices' must be given")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
+        return self
+
+    # -- helpers used by the planner -------------------------------------------------------
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model the recipe names, base first, in first-mention order (deterministic)."""
+        seen: dict[str, ModelRef] = {}
+        refs = [self.base_model] if self.base_model else []
+        refs += [m.model for m in self.models or []]
+        for s in self.slices or []:
+            refs += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
+        for r in refs:
+            seen.setdefault(str(r), r)
+        return list(seen.values())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after[_shape()]",) or "function-" in str(part) or str(part).startswith(
+            ("union[", "list[", "tuple[", "bool", "int", "float", "str", "FilteredValue", "ModelRef", "literal")
+        ):
+            continue  # pydantic's union-branch labels: noise for a user
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "config"
+
+
+def _errors_to_problems(err: ValidationError) -> list[str]:
+    problems: dict[str, str] = {}
+    for e in err.errors():
+        loc = _format_loc(tuple(e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        # A union reports one error per branch; keep the first per location.
+        problems.setdefault(loc, f"{loc}: {msg}")
+    return list(problems.values())
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    """Validate a parsed YAML mapping; raise one ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError.from_problems(_errors_to_problems(err), source) from None
+
+
+def load_config(path: str | Path) -> tuple[MergeConfig, str]:
+    """Read and validate a recipe file; returns the config and its original text."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read recipe: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_config(data, str(p)), text

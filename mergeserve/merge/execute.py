@@ -1,0 +1,142 @@
+"""Executing shard tasks: read sources lazily, merge, optionally quantize, stream to disk.
+
+This is the one place tensors are computed. The single-process path (:func:`run_plan_local`) and
+the Ray actors (``mergeserve.cluster``) both call :func:`run_shard`, so their outputs are equal
+bit for bit. Memory is bounded by one output tensor and its inputs: sources are mmap views of the
+page cache, and each merged tensor is written and dropped before the next is computed.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from mergeserve.errors import InputError, ResourceError
+from mergeserve.merge.methods.registry import get_method
+from mergeserve.merge.plan import MergePlan, ModelInput, ShardTask, TensorTask
+from mergeserve.merge.quantize import FP8_BLOCK, quantize_fp8_block
+from mergeserve.merge.reader import ST_DTYPES, ModelFiles
+from mergeserve.merge.writer import ShardWriter
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    filename: str
+    tensors: tuple[TensorRecord, ...]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss: int  # bytes, of the process that ran it
+    worker: str = "local"
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class SourceCache:
+    """Open :class:`ModelFiles` per model, reused across shards in one process."""
+
+    def __init__(self, models: Sequence[ModelInput], allow_pickle: bool = False):
+        self.models = models
+        self.allow_pickle = allow_pickle
+        self._files: dict[int, ModelFiles] = {}
+
+    def __getitem__(self, i: int) -> ModelFiles:
+        f = self._files.get(i)
+        if f is None:
+            m = self.models[i]
+            f = self._files[i] = ModelFiles(m.path, allow_pickle=self.allow_pickle, label=m.ref)
+        return f
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def compute_tensor(task: TensorTask, method: str, sources: SourceCache, device: str = "cpu") -> list[tuple[str, torch.Tensor]]:
+    """Merge one output tensor; returns [(name, tensor)] (two entries for FP8: weight + scale)."""
+    spec = get_method(method)
+    dtype = ST_DTYPES[task.compute_dtype][0]
+    inputs = []
+    for m, name in task.sources:
+        t = sources[m].get(name)
+        if tuple(t.shape) != task.shape:
+            raise InputError(f"model {sources.models[m].ref}: tensor {name!r} has shape {list(t.shape)}, planned {list(task.shape)}")
+        inputs.append(t.to(device=device, dtype=dtype))
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in task.params}
+    gen = None
+    if task.seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(task.seed)
+    out = spec(inputs, task.base_index, generator=gen, **params)
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        for (m, name), t in zip(task.sources, inputs):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise InputError(f"model {sources.models[m].ref}: tensor {name!r} contains NaN or Inf")
+        raise InputError(f"tensor {task.name!r}: the merge produced NaN or Inf (check the method's parameters)")
+    if task.quantize == FP8_BLOCK:
+        q, s = quantize_fp8_block(out)
+        return [(task.name, q.cpu()), (task.scale_name, s.cpu())]
+    return [(task.name, out.to(dtype=ST_DTYPES[task.out_dtype][0]).cpu())]
+
+
+def run_shard(
+    plan: MergePlan,
+    shard: ShardTask,
+    out_dir: str | Path,
+    *,
+    sources: SourceCache | None = None,
+    device: str = "cpu",
+    on_tensor: Callable[[int], None] | None = None,
+    worker: str = "local",
+) -> ShardResult:
+    """Compute every tensor of ``shard`` and write ``out_dir/shard.filename`` (via a .tmp file)."""
+    t0 = time.perf_counter()
+    own = sources is None
+    sources = sources or SourceCache(plan.models)
+    final = Path(out_dir) / shard.filename
+    tmp = final.with_name(final.name + ".tmp")
+    entries = [e for t in shard.tensors for e in t.outputs()]
+    writer = ShardWriter(tmp, entries)
+    try:
+        for task in shard.tensors:
+            try:
+                outs = compute_tensor(task, plan.method, sources, device)
+            except torch.OutOfMemoryError:
+                raise ResourceError(f"shard {shard.filename}: out of memory merging tensor {task.name!r}") from None
+            except MemoryError:
+                raise ResourceError(f"shard {shard.filename}: out of memory merging tensor {task.name!r}") from None
+            for name, t in outs:
+                writer.write(name, t)
+            if on_tensor:
+                on_tensor(task.bytes_out)
+        hashes = writer.close()
+        os.replace(tmp, final)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if own:
+            sources.close()
+    records = tuple(TensorRecord(n, tuple(s), d, hashes[n]) for n, d, s in entries)
+    return ShardResult(
+        shard.index, shard.filename, records, shard.bytes_read, shard.bytes_written,
+        time.perf_counter() - t0, peak_rss_bytes(), worker,
+    )

@@ -1,0 +1,55 @@
+"""Block-quantized FP8 (e4m3) weights, the format vLLM serves on both CPU and Hopper GPUs.
+
+Layout (DeepSeek-V3 / vLLM ``quant_method: fp8`` with ``weight_block_size: [128, 128]``):
+
+- ``W``: [rows, cols] -> ``q``: [rows, cols] float8_e4m3fn
+- ``weight_scale_inv``: [ceil(rows / 128), ceil(cols / 128)] float32, one scale per block
+- dequantized ``W ~= q * scale`` broadcast over each 128x128 block, with
+  ``scale = amax(|block|) / 448`` (448 = largest finite e4m3 value).
+
+Per-element error is at most half an e4m3 step of its block: e4m3 has 3 mantissa bits, so the
+relative error of an element near the block's amax is <= 2**-4 (6.25%); smaller elements can lose
+more relative precision, and elements below ``amax * 2**-9 / 448`` flush to zero. See the FP8
+formats paper, https://arxiv.org/abs/2209.05433.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_BLOCK = "fp8_block"
+BLOCK = 128
+E4M3_MAX = 448.0
+
+
+def fp8_scale_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    rows, cols = shape
+    return (-(-rows // BLOCK), -(-cols // BLOCK))
+
+
+def is_fp8_target(name: str, shape: tuple[int, ...], layer: int | None) -> bool:
+    """Linear weights of decoder layers: 2-D ``*.weight`` inside a layer (norms are 1-D)."""
+    return layer is not None and name.endswith(".weight") and len(shape) == 2
+
+
+def quantize_fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, cols] float tensor -> (float8_e4m3fn [rows, cols], float32 scales [R, C])."""
+    rows, cols = w.shape
+    R, C = fp8_scale_shape((rows, cols))
+    pr, pc = R * BLOCK - rows, C * BLOCK - cols
+    x = w.float()
+    if pr or pc:
+        x = torch.nn.functional.pad(x, (0, pc, 0, pr))
+    blocks = x.view(R, BLOCK, C, BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    q = q.view(R * BLOCK, C * BLOCK)[:rows, :cols].contiguous()
+    return q, scale.contiguous()
+
+
+def dequantize_fp8_block(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_fp8_block` (up to rounding)."""
+    rows, cols = q.shape
+    s = scale.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+    return (q.float() * s).to(dtype)

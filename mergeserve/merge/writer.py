@@ -1,0 +1,137 @@
+"""Streaming safetensors output and atomic checkpoint directories.
+
+:class:`ShardWriter` writes one safetensors file tensor by tensor: the plan knows every output
+name, dtype and shape in advance, so the header is written first and each tensor's bytes are
+appended as soon as it is merged. Memory stays at one tensor, not one shard. Each tensor's
+sha256 is computed on the way out (for the manifest and ``--resume``).
+
+:class:`StagingDir` makes the checkpoint appear atomically: everything is written under a hidden
+sibling ``.NAME.partial`` and renamed into place only when complete. A failed merge leaves
+nothing at the destination (the partial directory is removed, or kept for ``--resume``).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mergeserve.errors import InputError, OutputExistsError, ResourceError
+from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of ``t`` (contiguous), without a copy when possible."""
+    t = t.detach().contiguous()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+class ShardWriter:
+    """Write one ``.safetensors`` file whose layout is known before any tensor is computed.
+
+    ``entries``: (name, safetensors dtype code, shape) in the order tensors will be written.
+    """
+
+    def __init__(self, path: str | Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
+        self.path = Path(path)
+        header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        self._expected: list[tuple[str, str, tuple[int, ...], int]] = []
+        for name, dtype, shape in entries:
+            n = ST_DTYPES[dtype][1]
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self._expected.append((name, dtype, tuple(shape), n))
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as the reference writer does
+        self.total_bytes = 8 + len(raw) + offset
+        self._next = 0
+        self.hashes: dict[str, str] = {}
+        self._f = open(self.path, "wb")
+        self._write(len(raw).to_bytes(8, "little") + raw)
+
+    def _write(self, data) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:
+            self._f.close()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceError(f"{self.path}: disk full while writing the checkpoint") from None
+            raise ResourceError(f"{self.path}: write failed: {e.strerror or e}") from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> str:
+        """Append the next tensor; returns its sha256 hex digest."""
+        exp_name, dtype, shape, n = self._expected[self._next]
+        if name != exp_name:
+            raise ValueError(f"writer for {self.path.name}: expected tensor {exp_name!r}, got {name!r}")
+        if TORCH_TO_ST.get(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name}: planned {dtype}{list(shape)}, got {TORCH_TO_ST.get(tensor.dtype)}{list(tensor.shape)}"
+            )
+        data = tensor_bytes(tensor)
+        digest = hashlib.sha256(data).hexdigest()
+        self._write(data)
+        self.hashes[name] = digest
+        self._next += 1
+        return digest
+
+    def close(self) -> dict[str, str]:
+        if self._next != len(self._expected):
+            self._f.close()
+            raise ValueError(f"{self.path.name}: closed after {self._next} of {len(self._expected)} tensors")
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise ResourceError(f"{self.path}: flush failed: {e.strerror or e}") from None
+        finally:
+            self._f.close()
+        return self.hashes
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+class StagingDir:
+    """A hidden sibling directory that becomes ``dest`` atomically via :meth:`commit`."""
+
+    def __init__(self, dest: str | Path, *, overwrite: bool = False, resume: bool = False):
+        self.dest = Path(dest).absolute()
+        self.path = self.dest.parent / f".{self.dest.name}.partial"
+        if self.dest.exists() and not overwrite:
+            raise OutputExistsError(f"output directory {self.dest} already exists (pass --overwrite to replace it)")
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and not resume:
+                shutil.rmtree(self.path)
+            self.path.mkdir(exist_ok=True)
+        except OSError as e:
+            raise InputError(f"output directory {self.dest}: cannot create: {e.strerror or e}") from None
+
+    def commit(self) -> Path:
+        """Move the finished checkpoint into place (replacing an old one when overwriting)."""
+        old = None
+        if self.dest.exists():
+            old = self.dest.parent / f".{self.dest.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(self.dest, old)
+        os.rename(self.path, self.dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.dest
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

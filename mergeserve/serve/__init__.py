@@ -1,0 +1,1 @@
+"""Serving merged checkpoints with Ray Serve + vLLM."""

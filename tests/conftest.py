@@ -1,0 +1,40 @@
+"""Session-scoped fixtures: the tiny model family (trained locally, cached) and random checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("MERGESERVE_TEST_CACHE", REPO / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_family():
+    """{arch: {"base"|"code"|"prose": Path}} for mistral, llama and qwen2 (built once, cached)."""
+    from mergeserve.tiny_models import build_tiny_family
+
+    return build_tiny_family(CACHE / "tiny-family", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_family) -> Path:
+    """The directory the tiny recipes in configs/tiny resolve their model ids under."""
+    return Path(tiny_family["mistral"]["base"]).parent
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory):
+    """Three small random Mistral-layout checkpoints: a base and two perturbations of it."""
+    from mergeserve.synthetic import make_random_model
+
+    root = tmp_path_factory.mktemp("random-models")
+    base = make_random_model(root / "base", "tiny", seed=1)
+    a = make_random_model(root / "ft-a", "tiny", seed=2, noise_of=base)
+    b = make_random_model(root / "ft-b", "tiny", seed=3, noise_of=base)
+    return {"base": base, "a": a, "b": b, "root": root}
