@@ -307,6 +307,10 @@ class Planner:
             want = f"{self.spec.min_models}" + (f"-{self.spec.max_models}" if self.spec.max_models != self.spec.min_models else "")
             self.problems.append(f"merge_method: {self.spec.name} takes {want} input models, got {n}")
             return None
+        nb = self.spec.non_base_models
+        if nb is not None and n - (base_index is not None) != nb:
+            self.problems.append(f"merge_method: {self.spec.name} takes exactly {nb} non-base models, got {n - (base_index is not None)}")
+            return None
         if self.config.dtype:
             compute = _st_dtype(self.config.dtype)
         else:

@@ -93,6 +93,7 @@ class MethodSpec:
     base: Literal["required", "optional", "unused"] = "optional"
     min_models: int = 1
     max_models: int | None = None
+    non_base_models: int | None = None  # exact count of non-base inputs, where the method fixes it
     random: bool = False
     # passthrough may stack slices into a different layer count; other methods merge 1:1.
     changes_layer_count: bool = False
@@ -119,6 +120,10 @@ class MethodSpec:
         **params: Any,
     ) -> torch.Tensor:
         kwargs = dict(self.fixed)
+        # Defaults for parameters the caller left out (the planner always passes every one).
+        for p in self.params:
+            if p.name not in params and not p.required:
+                kwargs[p.name] = [p.default] * len(tensors) if p.per_model else p.default
         kwargs.update(params)
         if self.random:
             kwargs["generator"] = generator

@@ -1,0 +1,98 @@
+"""mergekit 0.1.5 as a test oracle, and the comparison rule the issue sets.
+
+:func:`run_mergekit` runs many recipes in ONE subprocess (mergekit's imports cost seconds), each
+recipe with its model references rewritten to absolute paths. :func:`compare` applies the rule:
+tensors are equal bit for bit, or no element differs by more than one bf16 ulp and at most
+0.01% of elements differ at all.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    for cfg_path, out in json.loads(sys.argv[1]):
+        cfg = MergeConfiguration.model_validate(yaml.safe_load(open(cfg_path)))
+        run_merge(cfg, out, MergeOptions(copy_tokenizer=True, quiet=True, write_model_card=False), config_source=open(cfg_path).read())
+    """
+)
+
+
+def absolutize(recipe: dict, models_dir: Path) -> dict:
+    """Copy of ``recipe`` with every model id replaced by its path under ``models_dir``."""
+
+    def fix(ref):
+        return str(models_dir / ref) if not Path(str(ref)).is_absolute() else ref
+
+    r = json.loads(json.dumps(recipe))
+    if r.get("base_model"):
+        r["base_model"] = fix(r["base_model"])
+    for m in r.get("models") or []:
+        m["model"] = fix(m["model"])
+    for s in r.get("slices") or []:
+        if s.get("base_model"):
+            s["base_model"] = fix(s["base_model"])
+        for src in s["sources"]:
+            src["model"] = fix(src["model"])
+    if isinstance(r.get("tokenizer_source"), str) and r["tokenizer_source"] not in ("base", "union"):
+        r["tokenizer_source"] = fix(r["tokenizer_source"])
+    return r
+
+
+def run_mergekit(jobs: list[tuple[dict, Path]], workdir: Path) -> None:
+    """Merge each (recipe with absolute model paths, out_dir) with mergekit 0.1.5."""
+    pairs = []
+    for k, (recipe, out) in enumerate(jobs):
+        p = workdir / f"mergekit-recipe-{k}.yaml"
+        p.write_text(yaml.safe_dump(recipe))
+        pairs.append((str(p), str(out)))
+    subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(pairs)], check=True, timeout=900)
+
+
+def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 unit in the last place at each |x| (the spacing of bf16 numbers there)."""
+    a = x.float().abs().clamp(min=torch.finfo(torch.bfloat16).tiny)
+    return torch.pow(2.0, torch.floor(torch.log2(a)) - 7)
+
+
+def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict:
+    """Compare two checkpoints; returns stats; raises AssertionError outside the issue's rule."""
+    assert sorted(ours) == sorted(theirs), f"tensor names differ: {sorted(set(ours) ^ set(theirs))[:5]}"
+    differing = total = bitwise_tensors = 0
+    for name in ours:
+        a, b = ours[name], theirs[name]
+        assert a.shape == b.shape, f"{name}: shape {list(a.shape)} vs {list(b.shape)}"
+        assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} vs {b.dtype}"
+        total += a.numel()
+        if torch.equal(a, b):
+            bitwise_tensors += 1
+            continue
+        diff = (a.float() - b.float()).abs()
+        ulp = torch.maximum(bf16_ulp(a), bf16_ulp(b))
+        worst = (diff / ulp).max().item()
+        assert worst <= 1.0, f"{name}: an element differs by {worst:.2f} bf16 ulp"
+        differing += int((diff > 0).sum())
+    frac = differing / max(total, 1)
+    assert frac <= 1e-4, f"{differing} of {total} elements differ ({frac:.4%} > 0.01%)"
+    return {"tensors": len(ours), "bitwise_tensors": bitwise_tensors, "differing_elements": differing, "fraction": frac}
