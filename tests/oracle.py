@@ -20,7 +20,10 @@ from safetensors import safe_open
 
 _SCRIPT = textwrap.dedent(
     """
-    import json, sys, yaml
+    import json, sys, torch, yaml
+    # One intra-op thread, as mergeserve uses: reductions are then split the same way (see
+    # mergeserve.merge.execute.deterministic_threads), so equal arithmetic gives equal bits.
+    torch.set_num_threads(1)
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
     for cfg_path, out in json.loads(sys.argv[1]):

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import asdict
 from pathlib import Path
 
 import ray
-
-from mergeserve.merge.execute import ShardResult, SourceCache, run_shard
-from mergeserve.merge.plan import MergePlan
 
 
 def result_path(out_dir: str | Path, filename: str) -> Path:
@@ -29,22 +25,30 @@ def result_path(out_dir: str | Path, filename: str) -> Path:
 @ray.remote
 class MergeWorker:
     def __init__(self, device: str = "cpu"):
+        # The engine (and torch) is imported here, when the actor starts, so that the import
+        # overlaps the driver's planning instead of delaying the first shard.
+        from mergeserve.merge import execute
+
+        execute.tune_malloc()
+        self._execute = execute
         self.device = device
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self._sources: SourceCache | None = None
+        # node (first 8 hex digits of the Ray node id) + pid: names the worker in summaries.
+        self.name = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
+        self._sources = None
         self._plan_fp: str | None = None
 
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "device": self.device, "node": ray.get_runtime_context().get_node_id()}
 
-    def run(self, plan: MergePlan, shard_index: int, out_dir: str) -> ShardResult:
+    def run(self, plan, shard_index: int, out_dir: str):
+        """Merge shard ``shard_index`` of ``plan`` (a MergePlan) into ``out_dir``; returns its ShardResult."""
         if self._plan_fp != plan.fingerprint:
             if self._sources is not None:
                 self._sources.close()
-            self._sources = SourceCache(plan.models)
+            self._sources = self._execute.SourceCache(plan.models)
             self._plan_fp = plan.fingerprint
         shard = plan.shards[shard_index]
-        res = run_shard(plan, shard, out_dir, sources=self._sources, device=self.device, worker=self.name)
+        res = self._execute.run_shard(plan, shard, out_dir, sources=self._sources, device=self.device, worker=self.name)
         # The record is written after the shard's rename: a record on disk implies a complete shard.
         rec = result_path(out_dir, shard.filename)
         tmp = rec.with_suffix(".tmp")

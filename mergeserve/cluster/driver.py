@@ -15,23 +15,17 @@ Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from mergeserve.errors import ClusterError, ConfigError, InputError, MergeServeError, ResourceError, ResumeError
-from mergeserve.merge.api import MergeResult, _check_device, _progress, plan_merge
-from mergeserve.merge.execute import ShardResult, TensorRecord, peak_rss_bytes
-from mergeserve.merge.outputs import write_metadata
-from mergeserve.merge.plan import MergePlan
-from mergeserve.merge.reader import fingerprint
-from mergeserve.merge.writer import StagingDir
-from mergeserve.cluster.resume import load_done_shards, write_run_state
+from mergeserve.errors import ClusterError, ConfigError, InputError, MergeServeError, ResourceError
+
+# torch and the merge engine are imported on the planning thread, while Ray starts on this one:
+# both take seconds, and a short merge is dominated by such fixed costs.
 
 AUTO_SHARDS_PER_WORKER = 3
 
@@ -71,22 +65,21 @@ def connect(address: str | None) -> bool:
     return False
 
 
-def cluster_workers(requested: int | None, n_shards: int) -> tuple[int, dict[str, float], str]:
+def cluster_workers(requested: int | None) -> tuple[int, dict[str, float], str]:
     """(number of actors, resources per actor, device) from the cluster's resources."""
     import ray
 
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
     if gpus:
-        n = requested or gpus
-        return max(1, min(n, n_shards)), {"num_gpus": 1, "num_cpus": 1}, "cuda"
-    cpus = int(res.get("CPU", 1))
-    n = requested or cpus
-    return max(1, min(n, n_shards)), {"num_cpus": 1}, "cpu"
+        return max(1, requested or gpus), {"num_gpus": 1, "num_cpus": 1}, "cuda"
+    return max(1, requested or int(res.get("CPU", 1))), {"num_cpus": 1}, "cpu"
 
 
 def _auto_shard_size(config: Any, workers_hint: int, **kw: Any) -> int:
     """Enough shards for every worker to stay busy, each holding whole layers, at most 5 GB."""
+    from mergeserve.merge.api import plan_merge
+
     _, _, probe = plan_merge(config, out_shard_size=10**15, **kw)
     return max(1, min(5_000_000_000, probe.bytes_written // max(1, workers_hint * AUTO_SHARDS_PER_WORKER)))
 
@@ -103,67 +96,79 @@ def merge_distributed(
     overwrite: bool = False,
     progress: bool = True,
     **plan_kw: Any,
-) -> MergeResult:
+) -> "MergeResult":
     """Merge on Ray. ``plan_kw``: out_dtype, models_dir, allow_pickle, seed (see merge.api.merge)."""
     t0 = time.perf_counter()
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {workers}")
-    ray_box: dict[str, Any] = {}
+    # Plan on a helper thread while Ray starts on this one. (Not the other way round: Ray ties
+    # its GCS and raylet to the starting thread with PR_SET_PDEATHSIG, so a Ray started on a
+    # short-lived thread dies with that thread.)
+    box: dict[str, Any] = {}
 
-    def _start():
+    def _plan():
         try:
-            ray_box["own"] = connect(address)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
-            ray_box["err"] = e
+            from mergeserve.merge.api import _check_device, plan_merge
+            from mergeserve.merge.writer import StagingDir
 
-    starter = threading.Thread(target=_start, daemon=True)
-    starter.start()
+            size = out_shard_size
+            if size in (None, "auto"):
+                size = _auto_shard_size(config, workers or os.cpu_count() or 1, **plan_kw)
+            box["plan"] = plan_merge(config, out_shard_size=size, **plan_kw)
+            if device != "cpu":
+                _check_device(device)
+            box["stage"] = StagingDir(out_dir, overwrite=overwrite or resume, resume=resume)
+        except BaseException as e:  # noqa: BLE001 - re-raised on this thread
+            box["err"] = e
+
+    planner = threading.Thread(target=_plan, name="mergeserve-plan", daemon=True)
+    planner.start()
+    own, actors = False, []
     try:
-        if out_shard_size in (None, "auto"):
-            out_shard_size = _auto_shard_size(config, workers or os.cpu_count() or 1, **plan_kw)
-        cfg, text, plan = plan_merge(config, out_shard_size=out_shard_size, **plan_kw)
-        if device != "cpu":
-            _check_device(device)
-        stage = StagingDir(out_dir, overwrite=overwrite or resume, resume=resume)
+        own = connect(address)
+        # Start the actors now: their imports overlap the rest of the planning.
+        n, resources, dev = cluster_workers(workers)
+        from mergeserve.cluster.actors import MergeWorker
+
+        actors = [MergeWorker.options(max_restarts=-1, max_task_retries=3, **resources).remote(dev) for _ in range(n)]
+        planner.join()
+        if "err" in box:
+            raise box["err"]
+        cfg, text, plan = box["plan"]
+        return _run(cfg, text, plan, box["stage"], actors, resume, progress, t0)
     finally:
-        starter.join()
-    if "err" in ray_box:
-        raise ray_box["err"]
-    own = ray_box.get("own", False)
-    try:
-        return _run(cfg, text, plan, stage, workers, resume, progress, t0)
-    finally:
+        planner.join()
+        import ray
+
+        for a in actors:
+            ray.kill(a)
         if own:
-            import ray
-
             ray.shutdown()
 
 
-def _run(cfg, text, plan: MergePlan, stage: StagingDir, workers, resume, progress, t0) -> MergeResult:
+def _run(cfg, text, plan, stage, actors, resume, progress, t0):
     import ray
     from ray.util import ActorPool
 
-    from mergeserve.cluster.actors import MergeWorker
+    from mergeserve.cluster.resume import load_done_shards, write_run_state
+    from mergeserve.merge.api import MergeResult, _progress
+    from mergeserve.merge.execute import peak_rss_bytes
+    from mergeserve.merge.outputs import write_metadata
+    from mergeserve.merge.reader import fingerprint
 
     inputs = {m.ref: fingerprint(m.path) for m in plan.models}
-    done: dict[int, ShardResult] = {}
-    if resume:
-        done = load_done_shards(stage.path, plan, inputs)
-    else:
+    done = load_done_shards(stage.path, plan, inputs) if resume else {}
+    if not resume:
         write_run_state(stage.path, plan, inputs)
     todo = [s for s in plan.shards if s.index not in done]
-    results: list[ShardResult] = list(done.values())
-    n, resources, dev = cluster_workers(workers, max(1, len(todo)))
+    results = list(done.values())
     keep_partial = True
     try:
         with _progress(plan, progress) as bar:
             bar.update(sum(r.bytes_written for r in results))
             if todo:
-                actors = [
-                    MergeWorker.options(max_restarts=-1, max_task_retries=3, **resources).remote(dev) for _ in range(n)
-                ]
                 plan_ref = ray.put(plan)
-                pool = ActorPool(actors)
+                pool = ActorPool(actors[: len(todo)])
                 for shard in todo:
                     pool.submit(lambda a, s: a.run.remote(plan_ref, s.index, str(stage.path)), shard)
                 while pool.has_next():
@@ -173,8 +178,6 @@ def _run(cfg, text, plan: MergePlan, stage: StagingDir, workers, resume, progres
                         raise _map_ray_error(e, todo) from None
                     results.append(res)
                     bar.update(res.bytes_written)
-                for a in actors:
-                    ray.kill(a)
         write_metadata(stage.path, cfg, text, plan, results, seconds=time.perf_counter() - t0)
         for s in plan.shards:  # resume records are not part of the checkpoint
             (stage.path / f".{s.filename}.done.json").unlink(missing_ok=True)
@@ -184,7 +187,7 @@ def _run(cfg, text, plan: MergePlan, stage: StagingDir, workers, resume, progres
         keep_partial = False
         raise
     except BaseException:
-        if keep_partial and any(True for _ in stage.path.glob("*.safetensors")):
+        if any(True for _ in stage.path.glob("*.safetensors")):
             import sys
 
             print(f"mergeserve: partial results kept in {stage.path}; rerun with --resume to finish", file=sys.stderr)
@@ -195,7 +198,9 @@ def _run(cfg, text, plan: MergePlan, stage: StagingDir, workers, resume, progres
     workers_rss: dict[str, int] = {}
     for r in results:
         workers_rss[r.worker] = max(workers_rss.get(r.worker, 0), r.peak_rss)
-    return MergeResult(out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), workers_rss)
+    return MergeResult(
+        out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), workers_rss, len(done)
+    )
 
 
 def _map_ray_error(e: Exception, todo) -> MergeServeError:

@@ -14,6 +14,7 @@ first tensor is merged; the checkpoint then appears atomically at ``out_dir``.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class MergeResult:
     seconds: float
     peak_rss: int
     workers: dict[str, int] = field(default_factory=dict)  # worker -> peak RSS bytes
+    resumed: int = 0  # shards reused (checksums verified) from an interrupted run
 
     @property
     def gb_per_s(self) -> float:
@@ -92,6 +94,8 @@ class MergeResult:
         ]
         for w, rss in sorted(self.workers.items()):
             lines.append(f"  peak memory: worker {w} {rss / 2**30:.2f} GiB")
+        if self.resumed:
+            lines.append(f"  resumed: reused {self.resumed} verified shard(s), merged {len(self.shards) - self.resumed}")
         return "\n".join(lines)
 
 
@@ -124,13 +128,16 @@ def merge(
         allow_pickle=allow_pickle, seed=seed,
     )
     _check_device(device)
+    threads = (os.cpu_count() or 1) if device == "cpu" else 2
     stage = StagingDir(out_dir, overwrite=overwrite)
     sources = SourceCache(plan.models, allow_pickle=allow_pickle)
     results: list[ShardResult] = []
     try:
         with _progress(plan, progress) as bar:
             for shard in plan.shards:
-                results.append(run_shard(plan, shard, stage.path, sources=sources, device=device, on_tensor=bar.update))
+                results.append(
+                    run_shard(plan, shard, stage.path, sources=sources, device=device, on_tensor=bar.update, threads=threads)
+                )
         write_metadata(stage.path, cfg, text, plan, results, seconds=time.perf_counter() - t0)
         out = stage.commit()
     except BaseException:

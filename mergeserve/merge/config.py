@@ -57,7 +57,8 @@ def _check_settings(params: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     for name, setting in params.items():
         if isinstance(setting, list) and not setting:
-            raise ValueError(f"parameter {name!r}: empty gradient (a list needs at least one value)")
+            # "@name:" lets the error formatter extend the location to parameters.<name>
+            raise ValueError(f"@{name}: empty gradient (a list needs at least one value)")
     return params
 
 
@@ -209,6 +210,9 @@ def _errors_to_problems(err: ValidationError) -> list[str]:
     for e in err.errors():
         loc = _format_loc(tuple(e["loc"]))
         msg = e["msg"].removeprefix("Value error, ")
+        if msg.startswith("@") and ": " in msg:  # a validator naming a key below its field
+            key, msg = msg[1:].split(": ", 1)
+            loc = f"{loc}.{key}"
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] == "missing":

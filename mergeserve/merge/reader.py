@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,7 @@ class ModelFiles:
         self.label = label or str(directory)
         self.allow_pickle = allow_pickle
         self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.Lock()
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         if not self.dir.is_dir():
             raise InputError(f"model {self.label}: {self.dir} is not a readable directory")
@@ -171,12 +173,13 @@ class ModelFiles:
             raise InputError(f"model {self.label}: tensor {name!r} is missing") from None
 
     def _map(self, file: str) -> mmap.mmap:
-        m = self._maps.get(file)
-        if m is None:
-            with open(file, "rb") as f:
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[file] = m
-        return m
+        with self._lock:  # tensors of one model are read from several merge threads
+            m = self._maps.get(file)
+            if m is None:
+                with open(file, "rb") as f:
+                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps[file] = m
+            return m
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``: a read-only view of the page cache (do not modify in place)."""
@@ -194,6 +197,17 @@ class ModelFiles:
             warnings.simplefilter("ignore")
             t = torch.frombuffer(buf, dtype=dtype, count=count)
         return t.view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop ``name``'s pages from this process's mapping once merged (they stay in the page
+        cache). Without this every input page ever touched counts toward our RSS, so a merge's
+        resident memory would grow to the size of its inputs."""
+        info = self.info(name)
+        m = self._maps.get(info.file)
+        if m is None or info.end <= info.start:
+            return
+        start = info.start - info.start % mmap.PAGESIZE
+        m.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
     def close(self) -> None:
         for m in self._maps.values():

@@ -16,7 +16,9 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -58,19 +60,40 @@ class ShardWriter:
         self._next = 0
         self.hashes: dict[str, str] = {}
         self._f = open(self.path, "wb")
+        self._error: BaseException | None = None
         self._write(len(raw).to_bytes(8, "little") + raw)
+        # Hashing and writing run on a thread (both release the GIL) so that they overlap the
+        # merge of the next tensor; the bounded queue caps memory at a few tensors in flight.
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
+        self._thread.start()
 
     def _write(self, data) -> None:
         try:
             self._f.write(data)
         except OSError as e:
-            self._f.close()
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceError(f"{self.path}: disk full while writing the checkpoint") from None
             raise ResourceError(f"{self.path}: write failed: {e.strerror or e}") from None
 
-    def write(self, name: str, tensor: torch.Tensor) -> str:
-        """Append the next tensor; returns its sha256 hex digest."""
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep consuming so that producers never block on a dead writer
+            name, data, _keepalive = item
+            try:
+                self.hashes[name] = hashlib.sha256(data).hexdigest()
+                self._write(data)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the producer's thread
+                self._error = e
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue the next tensor (in the planned order) for hashing and writing."""
+        if self._error is not None:
+            raise self._error
         exp_name, dtype, shape, n = self._expected[self._next]
         if name != exp_name:
             raise ValueError(f"writer for {self.path.name}: expected tensor {exp_name!r}, got {name!r}")
@@ -78,20 +101,26 @@ class ShardWriter:
             raise ValueError(
                 f"{name}: planned {dtype}{list(shape)}, got {TORCH_TO_ST.get(tensor.dtype)}{list(tensor.shape)}"
             )
-        data = tensor_bytes(tensor)
-        digest = hashlib.sha256(data).hexdigest()
-        self._write(data)
-        self.hashes[name] = digest
+        tensor = tensor.detach().contiguous().cpu()
+        self._queue.put((name, tensor_bytes(tensor), tensor))
         self._next += 1
-        return digest
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def close(self) -> dict[str, str]:
-        if self._next != len(self._expected):
-            self._f.close()
-            raise ValueError(f"{self.path.name}: closed after {self._next} of {len(self._expected)} tensors")
+        """Wait for the queued tensors, close the file; returns {name: sha256}."""
+        self._finish()
         try:
+            if self._error is not None:
+                raise self._error
+            if self._next != len(self._expected):
+                raise ValueError(f"{self.path.name}: closed after {self._next} of {len(self._expected)} tensors")
+            # No fsync: durability is the page cache's job; atomicity comes from the rename of
+            # the finished file (and of the whole directory), which is what readers depend on.
             self._f.flush()
-            os.fsync(self._f.fileno())
         except OSError as e:
             raise ResourceError(f"{self.path}: flush failed: {e.strerror or e}") from None
         finally:
@@ -99,6 +128,7 @@ class ShardWriter:
         return self.hashes
 
     def abort(self) -> None:
+        self._finish()
         if not self._f.closed:
             self._f.close()
         self.path.unlink(missing_ok=True)

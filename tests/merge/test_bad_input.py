@@ -1,0 +1,168 @@
+"""Every bad input from the issue: one line naming the field, file or tensor, exit code 2, nothing written.
+
+Most cases call ``mergeserve.cli.main`` in-process (the same code path as the console command,
+which returns the exit code); one case runs the real console command to check the process exit
+status too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergeserve.cli import main
+from mergeserve.synthetic import Shape, make_random_model
+
+SLERP = {
+    "merge_method": "slerp", "base_model": "a", "dtype": "bfloat16",
+    "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}, {"model": "b", "layer_range": [0, 4]}]}],
+    "parameters": {"t": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def models(random_models, tmp_path_factory):
+    """Good models a/b plus broken variants, all under one models dir."""
+    root = tmp_path_factory.mktemp("bad-input-models")
+    for k in ("a", "b"):
+        shutil.copytree(random_models[k], root / k)
+    make_random_model(root / "wide", Shape("mistral", 256, 4, 640, 4, 2, 4096), seed=9)  # other intermediate size
+    shutil.copytree(root / "b", root / "llama")
+    cfg = json.loads((root / "llama" / "config.json").read_text())
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    (root / "llama" / "config.json").write_text(json.dumps(cfg))
+
+    def edit(name, fn):
+        shutil.copytree(root / "b", root / name)
+        f = root / name / "model.safetensors"
+        tensors = load_file(f)
+        fn(tensors)
+        save_file(tensors, f)
+        idx = root / name / "model.safetensors.index.json"
+        wm = {k: "model.safetensors" for k in tensors}
+        idx.write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+
+    edit("missing", lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
+    edit("nan", lambda t: t["model.layers.1.self_attn.v_proj.weight"].view(-1).__setitem__(7, float("nan")))
+    shutil.copytree(root / "b", root / "truncated")
+    f = root / "truncated" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    shutil.copytree(root / "b", root / "corrupt")
+    f = root / "corrupt" / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[8:40] = b"{ this is not json at all !!!!!!"
+    f.write_bytes(bytes(raw))
+    shutil.copytree(root / "b", root / "pickled")
+    for p in (root / "pickled").glob("model*"):
+        p.unlink()
+    torch.save(load_file(random_models["b"] / "model.safetensors"), root / "pickled" / "pytorch_model.bin")
+    return root
+
+
+def _recipe(tmp_path, recipe: dict) -> str:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    return str(p)
+
+
+def _with(**changes) -> dict:
+    r = json.loads(json.dumps(SLERP))
+    for k, v in changes.items():
+        r[k] = v
+    return r
+
+
+def _slerp_b(model_b: str) -> dict:
+    r = _with()
+    r["slices"][0]["sources"][1]["model"] = model_b
+    return r
+
+
+def _run(tmp_path, models, recipe, capsys, *extra):
+    out = tmp_path / "out"
+    code = main(["merge", _recipe(tmp_path, recipe), str(out), "--local", "-q", "--models-dir", str(models), *extra])
+    err = capsys.readouterr().err.strip()
+    return code, err, out
+
+
+CASES = {
+    "unknown method": (_with(merge_method="slurp"), ["merge_method", "slurp"]),
+    "missing required parameter": (_with(parameters={}), ["parameters.t", "required"]),
+    "empty gradient": (_with(parameters={"t": []}), ["parameters.t"]),
+    "layer_range out of bounds": (
+        _with(slices=[{"sources": [{"model": "a", "layer_range": [0, 4]}, {"model": "b", "layer_range": [2, 6]}]}]),
+        ["slices[0].sources[1].layer_range", "out of bounds"],
+    ),
+    "ranges of different length": (
+        _with(slices=[{"sources": [{"model": "a", "layer_range": [0, 4]}, {"model": "b", "layer_range": [0, 3]}]}]),
+        ["layer_range"],
+    ),
+    "shapes differ": (_slerp_b("wide"), ["mlp", "shapes differ"]),
+    "missing tensor": (_slerp_b("missing"), ["model.layers.2.mlp.up_proj.weight", "missing"]),
+    "differing architectures": (_slerp_b("llama"), ["architectures", "LlamaForCausalLM"]),
+    "nan in input": (_slerp_b("nan"), ["model.layers.1.self_attn.v_proj.weight", "NaN"]),
+    "truncated safetensors": (_slerp_b("truncated"), ["model.safetensors", "truncated"]),
+    "corrupt safetensors": (_slerp_b("corrupt"), ["model.safetensors"]),
+    "unreadable model path": (_slerp_b("does-not-exist"), ["does-not-exist"]),
+    "pickle without opt-in": (_slerp_b("pickled"), ["pytorch_model.bin", "--allow-pickle"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gets_one_line_exit_2_and_writes_nothing(case, models, tmp_path, capsys):
+    recipe, needles = CASES[case]
+    code, err, out = _run(tmp_path, models, recipe, capsys)
+    assert code == 2, err
+    assert err.startswith("mergeserve: error: ") and "\n" not in err, err
+    for n in needles:
+        assert n.lower() in err.lower(), (n, err)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"], "a staging directory was left behind"
+
+
+def test_all_problems_are_reported_at_once(models, tmp_path, capsys):
+    r = _with(merge_method="slerp", parameters={}, dtype="bfloat17")
+    r["slices"][0]["sources"][1]["layer_range"] = [0, 9, 2]
+    code, err, _ = _run(tmp_path, models, r, capsys)
+    assert code == 2
+    assert "dtype" in err and "layer_range" in err, err
+
+
+def test_existing_output_is_refused_without_overwrite(models, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, err, _ = _run(tmp_path, models, SLERP, capsys)
+    assert code == 2 and str(out) in err and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    code, err, _ = _run(tmp_path, models, SLERP, capsys, "--overwrite")
+    assert code == 0, err
+    assert (out / "model.safetensors.index.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_unreadable_recipe_path(tmp_path, capsys):
+    code = main(["merge", str(tmp_path / "nope.yaml"), str(tmp_path / "out"), "--local"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope.yaml" in err and not (tmp_path / "out").exists()
+
+
+def test_pickle_loads_with_opt_in(models, tmp_path, capsys):
+    code, err, out = _run(tmp_path, models, _slerp_b("pickled"), capsys, "--allow-pickle")
+    assert code == 0, err
+    assert (out / "config.json").exists()
+
+
+def test_console_command_exit_status(models, tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "mergeserve.cli", "merge", _recipe(tmp_path, _with(merge_method="slurp")), str(tmp_path / "o"), "--local"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "slurp" in p.stderr
