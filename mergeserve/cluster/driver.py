@@ -51,8 +51,8 @@ def connect(address: str | None) -> bool:
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address is None:
-        ray.init(
-            num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+        ray.init(  # "local": a new embedded cluster even if RAY_ADDRESS or a running one is found
+            address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
             _node_ip_address="127.0.0.1", configure_logging=False,
         )
         return True
@@ -147,9 +147,6 @@ def merge_distributed(
 
 
 def _run(cfg, text, plan, stage, actors, resume, progress, t0):
-    import ray
-    from ray.util import ActorPool
-
     from mergeserve.cluster.resume import load_done_shards, write_run_state
     from mergeserve.merge.api import MergeResult, _progress
     from mergeserve.merge.execute import peak_rss_bytes
@@ -167,17 +164,7 @@ def _run(cfg, text, plan, stage, actors, resume, progress, t0):
         with _progress(plan, progress) as bar:
             bar.update(sum(r.bytes_written for r in results))
             if todo:
-                plan_ref = ray.put(plan)
-                pool = ActorPool(actors[: len(todo)])
-                for shard in todo:
-                    pool.submit(lambda a, s: a.run.remote(plan_ref, s.index, str(stage.path)), shard)
-                while pool.has_next():
-                    try:
-                        res = pool.get_next_unordered()
-                    except Exception as e:  # noqa: BLE001 - mapped to our error types below
-                        raise _map_ray_error(e, todo) from None
-                    results.append(res)
-                    bar.update(res.bytes_written)
+                results += _dispatch(plan, todo, actors, str(stage.path), bar)
         write_metadata(stage.path, cfg, text, plan, results, seconds=time.perf_counter() - t0)
         for s in plan.shards:  # resume records are not part of the checkpoint
             (stage.path / f".{s.filename}.done.json").unlink(missing_ok=True)
@@ -203,8 +190,34 @@ def _run(cfg, text, plan, stage, actors, resume, progress, t0):
     )
 
 
-def _map_ray_error(e: Exception, todo) -> MergeServeError:
-    """Ray wraps task failures; unwrap ours, and name the shard for OOM and lost workers."""
+def _dispatch(plan, todo, actors, out_dir: str, bar) -> list:
+    """Run shard tasks on the actors, each actor one shard at a time; returns ShardResults.
+
+    Each task's shard is tracked so that any failure names it. Ray retries a task whose actor
+    died (``max_task_retries``) on the restarted actor; what still fails is raised here.
+    """
+    import ray
+
+    plan_ref = ray.put(plan)
+    queue, idle, running, results = list(reversed(todo)), list(actors), {}, []
+    while queue or running:
+        while idle and queue:
+            actor, shard = idle.pop(), queue.pop()
+            running[actor.run.remote(plan_ref, shard.index, out_dir)] = (actor, shard)
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        actor, shard = running.pop(ref)
+        try:
+            res = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - mapped to our error types
+            raise _map_ray_error(e, shard.filename) from None
+        results.append(res)
+        bar.update(res.bytes_written)
+        idle.append(actor)
+    return results
+
+
+def _map_ray_error(e: Exception, shard: str) -> MergeServeError:
+    """Ray wraps task failures: unwrap ours; name the shard for out-of-memory and lost workers."""
     import ray.exceptions as rex
 
     cause = getattr(e, "cause", None)
@@ -212,11 +225,9 @@ def _map_ray_error(e: Exception, todo) -> MergeServeError:
         return cause
     if isinstance(e, MergeServeError):
         return e
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    shard = next((s.filename for s in todo if s.filename in str(e)), None)
-    where = f"shard {shard}" if shard else "a shard"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if isinstance(e, rex.OutOfMemoryError):
-        return ResourceError(f"a merge worker ran out of memory on {where}: {msg}")
+        return ResourceError(f"shard {shard}: a merge worker ran out of memory ({msg})")
     if isinstance(e, (rex.RayActorError, rex.WorkerCrashedError)):
-        return ResourceError(f"a merge worker died on {where} and retries were exhausted: {msg}")
-    return ResourceError(f"merge failed on {where}: {msg}")
+        return ResourceError(f"shard {shard}: the merge worker died and retries were exhausted ({msg})")
+    return ResourceError(f"shard {shard}: merge failed ({msg})")

@@ -9,6 +9,7 @@ page cache, and each merged tensor is written and dropped before the next is com
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import resource
 import sys
@@ -139,8 +140,10 @@ def compute_tensor(task: TensorTask, method: str, sources: SourceCache, device: 
 
 def _is_oom(e: BaseException) -> bool:
     # CPU allocation failures surface as a plain RuntimeError from c10's allocator.
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    return (
+        isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+        or (isinstance(e, OSError) and e.errno == errno.ENOMEM)  # mmap of an input
     )
 
 

@@ -74,6 +74,8 @@ class ShardWriter:
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceError(f"{self.path}: disk full while writing the checkpoint") from None
+            if e.errno == errno.EFBIG:
+                raise ResourceError(f"{self.path}: file size limit reached while writing the checkpoint") from None
             raise ResourceError(f"{self.path}: write failed: {e.strerror or e}") from None
 
     def _drain(self) -> None:
