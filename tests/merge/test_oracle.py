@@ -18,6 +18,10 @@ from tests.oracle import absolutize, compare, load_tensors, run_mergekit
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPES = sorted((REPO / "configs" / "tiny").glob("*.yaml"))
+# mergekit 0.1.5 refuses a recipe that lists one model twice ("Duplicate merge inputs"), though
+# the seed model it describes was made that way with an earlier mergekit. Its result is defined
+# anyway: slerp of a tensor with itself is that tensor, so the oracle there is the input model.
+SELF_MERGES = {"llama-self-slerp": "llama-base"}
 
 
 def _ta(method: str, models=("ft-a", "ft-b"), density=0.5, **params) -> dict:
@@ -85,7 +89,8 @@ def method_outputs(random_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def seed_outputs(tiny_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("oracle-seeds")
-    run_mergekit([(absolutize(yaml.safe_load(p.read_text()), tiny_dir), work / f"mk-{p.stem}") for p in TINY_RECIPES], work)
+    jobs = [(absolutize(yaml.safe_load(p.read_text()), tiny_dir), work / f"mk-{p.stem}") for p in TINY_RECIPES if p.stem not in SELF_MERGES]
+    run_mergekit(jobs, work)
     return work
 
 
@@ -103,6 +108,11 @@ def test_method_matches_mergekit(name, method_outputs, random_models):
 @pytest.mark.parametrize("recipe", TINY_RECIPES, ids=lambda p: p.stem)
 def test_tiny_seed_recipe_matches_mergekit(recipe, seed_outputs, tiny_dir):
     ours = merge(recipe, seed_outputs / f"ours-{recipe.stem}", models_dir=tiny_dir, progress=False)
+    if recipe.stem in SELF_MERGES:
+        source = tiny_dir / SELF_MERGES[recipe.stem]
+        got, want = load_tensors(ours.out_dir), load_tensors(source)
+        assert sorted(got) == sorted(want) and all(got[k].equal(want[k]) for k in got)
+        return
     mk = seed_outputs / f"mk-{recipe.stem}"
     compare(load_tensors(ours.out_dir), load_tensors(mk))
     ours_cfg = json.loads((ours.out_dir / "config.json").read_text())

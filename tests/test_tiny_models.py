@@ -1,0 +1,73 @@
+"""The locally trained tiny model family: architectures, tokenizer, domain perplexities, caching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mergeserve.tiny_models import build_tiny_family, heldout_texts, perplexity
+
+CLASSES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _names(d):
+    with safe_open(d / "model.safetensors", "pt") as f:
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+@pytest.mark.parametrize("arch", sorted(CLASSES))
+def test_architecture_and_files(tiny_family, arch):
+    for role, d in tiny_family[arch].items():
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["architectures"] == [CLASSES[arch]] and cfg["num_hidden_layers"] == 4 and cfg["max_position_embeddings"] == 4096
+        names = _names(d)
+        assert set(names.values()) == {"BF16"}
+        n = sum(1 for _ in names)
+        assert n > 30
+        if arch == "qwen2":
+            assert cfg["tie_word_embeddings"] and "lm_head.weight" not in names
+            assert "model.layers.0.self_attn.q_proj.bias" in names
+        else:
+            assert not cfg["tie_word_embeddings"] and "lm_head.weight" in names
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            assert (d / f).exists()
+
+
+def test_fine_tunes_share_the_base_layout_and_differ_from_it(tiny_family):
+    fam = tiny_family["mistral"]
+    with safe_open(fam["base"] / "model.safetensors", "pt") as b, safe_open(fam["code"] / "model.safetensors", "pt") as c:
+        k = "model.layers.1.mlp.up_proj.weight"
+        wb, wc = b.get_tensor(k).float(), c.get_tensor(k).float()
+    assert wb.shape == wc.shape and not torch.equal(wb, wc)
+    assert float((wb - wc).norm() / wb.norm()) < 0.5  # a fine-tune, not an unrelated model
+
+
+def test_tokenizer_round_trip_and_chat_template(tiny_family):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_family["llama"]["base"])
+    text = "def merge(a, b):\n    return (a + b) / 2  # the mean of two models"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert len(tok) == 4096
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert "hi" in chat and chat.endswith("<|assistant|>\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(CLASSES))
+def test_each_fine_tune_is_best_on_its_own_domain(tiny_family, tiny_dir, arch):
+    held = {d: t[:12] for d, t in heldout_texts(tiny_dir).items()}
+    ppl = {role: {d: perplexity(p, held[d]) for d in held} for role, p in tiny_family[arch].items()}
+    assert ppl["code"]["code"] < 0.85 * ppl["prose"]["code"], ppl
+    assert ppl["prose"]["prose"] < 0.85 * ppl["code"]["prose"], ppl
+    assert ppl["code"]["code"] < ppl["base"]["code"] and ppl["prose"]["prose"] < ppl["base"]["prose"], ppl
+
+
+def test_second_build_is_cached(tiny_family, tiny_dir):
+    before = {p: p.stat().st_mtime_ns for p in tiny_dir.rglob("*.safetensors")}
+    again = build_tiny_family(tiny_dir, progress=False)
+    assert again == tiny_family
+    assert {p: p.stat().st_mtime_ns for p in tiny_dir.rglob("*.safetensors")} == before
