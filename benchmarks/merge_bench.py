@@ -150,7 +150,8 @@ def main() -> None:
         sp = f"{ref['median_s'] / d['median_s']:.2f}x" if ref else "-"
         rr = f"{d['median_peak_rss_gib'] / ref['median_peak_rss_gib']:.2f}" if ref else "-"
         fl = f"{d['median_s'] / floor['median_s']:.2f}" if floor else "-"
-        lines.append(f"| {s} | {d['median_s']:.2f} | {d['median_peak_rss_gib']:.2f} | {sp} | {rr} | {fl} |")
+        rss_txt = "n/a" if s == "io-floor" else f"{d['median_peak_rss_gib']:.2f}"
+        lines.append(f"| {s} | {d['median_s']:.2f} | {rss_txt} | {sp} | {rr} | {fl} |")
     table = "\n".join(lines)
     print(table)
     outdir = Path(a.out)
