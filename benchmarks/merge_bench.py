@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -79,11 +80,12 @@ def tree_rss(p: psutil.Process) -> int:
     return total
 
 
-def run_one(cmd: list[str], out: Path) -> tuple[float, int]:
+def run_one(cmd: list[str], out: Path) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS of the process tree, peak RSS of one merge worker as reported)."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -94,7 +96,9 @@ def run_one(cmd: list[str], out: Path) -> tuple[float, int]:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
     shutil.rmtree(out, ignore_errors=True)
-    return wall, peak
+    # mergeserve's summary: "peak memory: worker NAME X.XX GiB" per Ray worker
+    workers = [float(m) for m in re.findall(r"peak memory: worker \S+ ([0-9.]+) GiB", proc.stdout.read().decode(errors="replace"))]
+    return wall, peak, int(max(workers, default=0) * 2**30)
 
 
 def warm(*dirs: Path) -> None:
@@ -129,29 +133,34 @@ def main() -> None:
     out = work / "out"
     times: dict[str, list[float]] = {s: [] for s in sides}
     rss: dict[str, list[int]] = {s: [] for s in sides}
+    wrss: dict[str, list[int]] = {s: [] for s in sides}
     for r in range(a.rounds):
         for s in sides:
             warm(ma, mb)
-            w, p = run_one(command(s, cfg, ma, mb, out, a.shard), out)
+            w, p, wp = run_one(command(s, cfg, ma, mb, out, a.shard), out)
             times[s].append(w)
             rss[s].append(p)
-            print(f"round {r + 1}/{a.rounds} {s:22s} {w:7.2f} s  peak tree RSS {p / 2**30:6.2f} GiB", flush=True)
+            wrss[s].append(wp)
+            extra = f"  peak worker RSS {wp / 2**30:5.2f} GiB" if wp else ""
+            print(f"round {r + 1}/{a.rounds} {s:22s} {w:7.2f} s  peak tree RSS {p / 2**30:6.2f} GiB{extra}", flush=True)
     res = {
         "shape": a.shape, "rounds": a.rounds, "cpus": os.cpu_count(),
         "sides": {s: {"times": times[s], "peak_rss": rss[s], "median_s": statistics.median(times[s]),
-                      "median_peak_rss_gib": statistics.median(rss[s]) / 2**30} for s in sides},
+                      "median_peak_rss_gib": statistics.median(rss[s]) / 2**30,
+                      "median_peak_worker_rss_gib": statistics.median(wrss[s]) / 2**30} for s in sides},
     }
     ref = res["sides"].get("mergekit")
     floor = res["sides"].get("io-floor")
-    lines = [f"| side ({a.shape}, median of {a.rounds}) | wall s | peak tree RSS GiB | speed-up vs mergekit | RSS vs mergekit | x I/O floor |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"| side ({a.shape}, median of {a.rounds}) | wall s | peak tree RSS GiB | peak worker RSS GiB | speed-up vs mergekit | RSS vs mergekit | x I/O floor |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in sides:
         d = res["sides"][s]
         sp = f"{ref['median_s'] / d['median_s']:.2f}x" if ref else "-"
         rr = f"{d['median_peak_rss_gib'] / ref['median_peak_rss_gib']:.2f}" if ref else "-"
         fl = f"{d['median_s'] / floor['median_s']:.2f}" if floor else "-"
         rss_txt = "n/a" if s == "io-floor" else f"{d['median_peak_rss_gib']:.2f}"
-        lines.append(f"| {s} | {d['median_s']:.2f} | {rss_txt} | {sp} | {rr} | {fl} |")
+        wk = f"{d['median_peak_worker_rss_gib']:.2f}" if d["median_peak_worker_rss_gib"] else "-"
+        lines.append(f"| {s} | {d['median_s']:.2f} | {rss_txt} | {wk} | {sp} | {rr} | {fl} |")
     table = "\n".join(lines)
     print(table)
     outdir = Path(a.out)

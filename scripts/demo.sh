@@ -35,5 +35,5 @@ PY
 if $MS serve --help >/dev/null 2>&1; then
   echo
   echo "== serve the FP8 merge (Ray Serve + vLLM on CPU) and query it"
-  .venv/bin/python scripts/serve_demo.py "$OUT/marcoro14-tiny-fp8"
+  .venv/bin/python scripts/serve_demo.py "$OUT/marcoro14-tiny-fp8" "$OUT/marcoro14-tiny"
 fi

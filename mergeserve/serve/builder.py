@@ -1,0 +1,65 @@
+"""The one place a Serve application is assembled (``serve.deployment(...).bind(...)``).
+
+It follows ``ray.serve.llm.build_openai_app`` (one ``LLMServer`` deployment per model, one
+OpenAI ingress routing by model name) with one addition Ray's builder has no hook for: an ASGI
+middleware on the ingress's FastAPI app that requires ``Authorization: Bearer <api_key>`` when a
+key is set. The OpenAI layer itself (routes, streaming, usage, 4xx on bad requests) is Ray's and
+vLLM's. :func:`build_app` takes a plain dict, so ``serve deploy`` can call it from a config file
+(``import_path: mergeserve.serve.builder:build_app``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+OPEN_PATHS = ("/-/healthz", "/-/routes")
+
+
+class BearerAuth:
+    """ASGI middleware: 401 with an OpenAI-style error body unless the bearer token matches."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path", "") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        got = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if hmac.compare_digest(got, self.expected):
+            return await self.app(scope, receive, send)
+        body = json.dumps({"error": {
+            "message": "missing or invalid API key: send 'Authorization: Bearer <key>'",
+            "type": "authentication_error", "param": None, "code": "invalid_api_key",
+        }}).encode()
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"), (b"content-length", str(len(body)).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def build_app(args: dict[str, Any]):
+    """``args``: ``{"llm_configs": [LLMConfig dicts], "api_key": str | None}`` -> Serve Application."""
+    from ray import serve
+    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
+    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+    from ray.serve.llm import LLMConfig
+
+    configs = [LLMConfig.model_validate(c) for c in args["llm_configs"]]
+    names = [c.model_id for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    app = init()
+    if args.get("api_key"):
+        app.add_middleware(BearerAuth, api_key=args["api_key"])
+    ingress = make_fastapi_ingress(OpenAiIngress, app=app)
+    options = maybe_apply_llm_deployment_config_defaults(OpenAiIngress.get_deployment_options(configs), {})
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
+        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
+        lora_paths={},
+    )

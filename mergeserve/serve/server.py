@@ -1,0 +1,229 @@
+"""Run the serving application: start (or join) Ray, deploy, wait for readiness, serve until
+Ctrl-C or SIGTERM, then shut down without leaving engine processes behind.
+
+vLLM's engine runs in child processes (``VLLM::EngineCore``) of the replica; when the replica is
+killed rather than shut down they survive, orphaned, holding gigabytes. So shutdown here is
+ordered: Serve first (replicas stop their engines), then Ray, then every process that was a
+descendant of this one before shutdown and is still alive is killed by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from mergeserve.errors import ClusterError, InputError
+from mergeserve.serve.engine import Checkpoint, check_fp8_support, inspect_checkpoint, llm_config
+
+APP_NAME = "mergeserve"
+
+
+@dataclass
+class ServeOptions:
+    checkpoints: list[str]
+    names: list[str] | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    replicas: int | str = 1
+    address: str | None = None
+    device: str = "auto"  # auto | cpu | gpu
+    max_model_len: int = 4096
+    quantize_fp8: bool = False
+    kv_cache_gib: int = 1
+    trust_remote_code: bool = False
+    enforce_eager: bool = False
+    metrics_port: int = 8080
+    ready_timeout_s: float = 900.0
+
+
+def resolve_checkpoints(opts: ServeOptions) -> list[Checkpoint]:
+    if opts.names and len(opts.names) != len(opts.checkpoints):
+        raise InputError(f"--name: got {len(opts.names)} names for {len(opts.checkpoints)} checkpoints")
+    ckpts = [inspect_checkpoint(p, n) for p, n in zip(opts.checkpoints, opts.names or [None] * len(opts.checkpoints))]
+    names = [c.name for c in ckpts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"--name: model names must be unique, {dup} repeats (give each checkpoint a --name)")
+    return ckpts
+
+
+def _local_gpus() -> bool:
+    if not shutil.which("nvidia-smi"):
+        return False
+    try:
+        return bool(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def app_args(opts: ServeOptions, ckpts: list[Checkpoint], accelerator: str, check_hardware: bool = True) -> dict[str, Any]:
+    for c in ckpts:
+        if check_hardware:
+            check_fp8_support(c, accelerator, opts.quantize_fp8)
+    configs = [
+        llm_config(
+            c, accelerator=accelerator, max_model_len=opts.max_model_len, quantize=opts.quantize_fp8,
+            kv_cache_gib=opts.kv_cache_gib, replicas=opts.replicas, trust_remote_code=opts.trust_remote_code,
+            enforce_eager=opts.enforce_eager,
+        )
+        for c in ckpts
+    ]
+    return {"llm_configs": configs, "api_key": opts.api_key}
+
+
+def emit_config(opts: ServeOptions, path: str) -> str:
+    """Write the same application as a Ray Serve config file (``serve deploy FILE``)."""
+    ckpts = resolve_checkpoints(opts)
+    accelerator = opts.device if opts.device != "auto" else ("gpu" if _local_gpus() else "cpu")
+    doc = {
+        "http_options": {"host": opts.host, "port": opts.port},
+        "applications": [{
+            "name": APP_NAME, "route_prefix": "/", "import_path": "mergeserve.serve.builder:build_app",
+            # the target cluster's hardware is not this machine's: no local FP8 check here
+            "args": app_args(opts, ckpts, accelerator, check_hardware=False),
+        }],
+    }
+    text = "# Ray Serve config written by `mergeserve serve --emit-config`; deploy with `serve deploy`.\n"
+    text += yaml.safe_dump(doc, sort_keys=False)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+class Server:
+    """A running application; :meth:`stop` is idempotent and reaps leftover engine processes."""
+
+    def __init__(self, opts: ServeOptions):
+        self.opts = opts
+        self.own_ray = False
+        self.url = f"http://{opts.host}:{opts.port}"
+        self.models: list[str] = []
+        self._stopped = False
+
+    def start(self) -> "Server":
+        import ray
+        from ray import serve
+
+        from mergeserve.serve.builder import build_app
+
+        ckpts = resolve_checkpoints(self.opts)  # before Ray: bad input fails in milliseconds
+        self.models = [c.name for c in ckpts]
+        accelerator = self.opts.device
+        if accelerator == "auto" and not self.opts.address:  # a local Ray has this machine's devices
+            accelerator = "gpu" if _local_gpus() else "cpu"
+        if accelerator != "auto":
+            args = app_args(self.opts, ckpts, accelerator)  # FP8 support checked here, before Ray
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        try:
+            if self.opts.address:
+                ray.init(address=self.opts.address, log_to_driver=False)
+            else:
+                # Each LLMServer replica reserves 2 CPUs; on a small machine oversubscribe so that
+                # every replica schedules (the engine itself uses one core, the front end another).
+                n = len(ckpts) * (self.opts.replicas if isinstance(self.opts.replicas, int) else 1)
+                ray.init(
+                    address="local", num_cpus=max(os.cpu_count() or 1, 2 * n + 2), include_dashboard=False,
+                    log_to_driver=False, _metrics_export_port=self.opts.metrics_port,
+                )
+                self.own_ray = True
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = self.opts.address or "a local Ray"
+            raise ClusterError(f"cannot start or join {where}: {str(e).strip().splitlines()[-1]}") from None
+        try:
+            if accelerator == "auto":
+                accelerator = "gpu" if ray.cluster_resources().get("GPU", 0) else "cpu"
+                args = app_args(self.opts, ckpts, accelerator)
+            serve.start(http_options={"host": self.opts.host, "port": self.opts.port})
+            try:
+                serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+            except RuntimeError as e:  # Serve gave up after replica start-up failures
+                raise ClusterError(
+                    f"{str(e).splitlines()[0]} (the engines' errors are in Ray's logs: /tmp/ray/session_latest/logs/serve/)"
+                ) from None
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.opts.api_key}"} if self.opts.api_key else {}
+        deadline = time.time() + self.opts.ready_timeout_s
+        while time.time() < deadline:
+            try:
+                r = httpx.get(f"{self.url}/v1/models", headers=headers, timeout=5)
+                if r.status_code == 200 and {m["id"] for m in r.json().get("data", [])} >= set(self.models):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise ClusterError(f"the application was not ready after {self.opts.ready_timeout_s:.0f} s (see Ray's logs)")
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        import psutil
+        import ray
+        from ray import serve
+
+        try:
+            family = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            family = []
+        try:
+            if ray.is_initialized():
+                if self.own_ray:
+                    serve.shutdown()
+                else:
+                    serve.delete(APP_NAME)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            _, alive = psutil.wait_procs(family, timeout=15)
+            for p in alive:  # e.g. VLLM::EngineCore orphaned by its replica: end it by PID
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(alive, timeout=10)
+
+
+def serve_forever(opts: ServeOptions, on_ready=print) -> None:
+    """Start, report readiness, block until SIGINT/SIGTERM, then stop cleanly."""
+    stop = threading.Event()
+
+    def trap():
+        return {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    previous = trap()
+    server = Server(opts)
+    try:
+        server.start()
+        # ray.init installs its own SIGTERM handler (it kills the driver on the spot, leaving
+        # the engines orphaned); take SIGTERM back so that shutdown runs in order.
+        trap()
+        if stop.is_set():
+            return
+        on_ready(
+            f"serving {', '.join(server.models)} at {server.url}/v1 (OpenAI API)"
+            + (f"; Prometheus metrics at http://127.0.0.1:{opts.metrics_port}/metrics" if server.own_ray else "")
+            + "; Ctrl-C or SIGTERM stops"
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
