@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / ".cache" / "bench"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where JSON/Markdown/PNG go")
     ap.add_argument("--cleanup", action="store_true", help="delete the generated input checkpoints afterwards")
+    ap.add_argument("--tag", default="", help="suffix for the result files (merge-SHAPE[-TAG].json/md/png)")
     a = ap.parse_args()
     sides = a.sides.split(",")
     work = Path(a.work)
@@ -165,7 +166,7 @@ def main() -> None:
     print(table)
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    stem = f"merge-{a.shape}"
+    stem = f"merge-{a.shape}" + (f"-{a.tag}" if a.tag else "")
     (outdir / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     (outdir / f"{stem}.md").write_text(table + "\n")
     plot(res, outdir / f"{stem}.png")

@@ -10,6 +10,7 @@ vLLM's. :func:`build_app` takes a plain dict, so ``serve deploy`` can call it fr
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from typing import Any
@@ -40,6 +41,54 @@ class BearerAuth:
         await send({"type": "http.response.body", "body": body})
 
 
+class RetryBeforeFirstByte:
+    """ASGI middleware: re-send a POST whose response would start with a 5xx status.
+
+    When a replica's engine dies, Serve replaces the replica after its next health check; until
+    then requests routed to it fail at once, before any output. Such a request has produced
+    nothing, so it is safe to send again: it is retried (once a second, within ``window_s``)
+    and lands on the new replica. Requests that were already generating when the engine died
+    still fail: their partial output cannot be taken back.
+    """
+
+    def __init__(self, app, window_s: float = 120.0):
+        self.app = app
+        self.window_s = window_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.window_s
+        while True:
+            state = {"replayed": False, "retry": False}
+
+            async def replay():
+                if not state["replayed"]:
+                    state["replayed"] = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # afterwards: the client's disconnect, when it comes
+
+            async def capture(msg):
+                if msg["type"] == "http.response.start" and msg["status"] >= 500 and loop.time() < deadline:
+                    state["retry"] = True
+                if not state["retry"]:
+                    await send(msg)
+
+            await self.app(scope, replay, capture)
+            if not state["retry"]:
+                return
+            await asyncio.sleep(1.0)
+
+
 def build_app(args: dict[str, Any]):
     """``args``: ``{"llm_configs": [LLMConfig dicts], "api_key": str | None}`` -> Serve Application."""
     from ray import serve
@@ -54,7 +103,8 @@ def build_app(args: dict[str, Any]):
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
     app = init()
-    if args.get("api_key"):
+    app.add_middleware(RetryBeforeFirstByte)
+    if args.get("api_key"):  # added last, so it runs first: unauthenticated requests are never retried
         app.add_middleware(BearerAuth, api_key=args["api_key"])
     ingress = make_fastapi_ingress(OpenAiIngress, app=app)
     options = maybe_apply_llm_deployment_config_defaults(OpenAiIngress.get_deployment_options(configs), {})

@@ -99,11 +99,27 @@ def emit_config(opts: ServeOptions, path: str) -> str:
     return path
 
 
+def _become_subreaper() -> None:
+    """Orphans of our descendants (an engine's workers when the engine is killed, Ray's agents
+    when raylet dies) are re-parented to this process instead of init, so :meth:`Server.stop`
+    still finds and ends them."""
+    try:
+        import ctypes
+
+        PR_SET_CHILD_SUBREAPER = 36
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux/glibc: orphans go to init as usual
+
+
 class Server:
     """A running application; :meth:`stop` is idempotent and reaps leftover engine processes."""
 
-    def __init__(self, opts: ServeOptions):
+    def __init__(self, opts: ServeOptions, on_ray_started=None):
         self.opts = opts
+        # ray.init installs its own SIGTERM handler, which kills the driver on the spot and leaves
+        # the engines orphaned: this callback takes the signals back right after Ray starts.
+        self._on_ray_started = on_ray_started
         self.own_ray = False
         self.url = f"http://{opts.host}:{opts.port}"
         self.models: list[str] = []
@@ -123,6 +139,7 @@ class Server:
         if accelerator != "auto":
             args = app_args(self.opts, ckpts, accelerator)  # FP8 support checked here, before Ray
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        _become_subreaper()
         try:
             if self.opts.address:
                 ray.init(address=self.opts.address, log_to_driver=False)
@@ -136,8 +153,14 @@ class Server:
                 )
                 self.own_ray = True
         except (ConnectionError, RuntimeError, ValueError) as e:
+            self.stop()
             where = self.opts.address or "a local Ray"
             raise ClusterError(f"cannot start or join {where}: {str(e).strip().splitlines()[-1]}") from None
+        except BaseException:  # e.g. Ctrl-C while Ray starts
+            self.stop()
+            raise
+        if self._on_ray_started:
+            self._on_ray_started()
         try:
             if accelerator == "auto":
                 accelerator = "gpu" if ray.cluster_resources().get("GPU", 0) else "cpu"
@@ -184,10 +207,12 @@ class Server:
             family = []
         try:
             if ray.is_initialized():
-                if self.own_ray:
+                if self.own_ray or not self.opts.address:
                     serve.shutdown()
                 else:
                     serve.delete(APP_NAME)
+        except Exception:  # noqa: BLE001 - shutting down regardless; Ray and the PIDs below still go
+            pass
         finally:
             if ray.is_initialized():
                 ray.shutdown()
@@ -201,21 +226,33 @@ class Server:
 
 
 def serve_forever(opts: ServeOptions, on_ready=print) -> None:
-    """Start, report readiness, block until SIGINT/SIGTERM, then stop cleanly."""
+    """Start, report readiness, block until SIGINT/SIGTERM, then stop cleanly.
+
+    A signal during start-up interrupts it (the deploy wait is plain Python, so the handler's
+    KeyboardInterrupt lands there) and the partial application is torn down the same way.
+    """
     stop = threading.Event()
+    starting = [True]
+
+    def on_signal(*_):
+        stop.set()
+        if starting[0]:
+            raise KeyboardInterrupt
 
     def trap():
-        return {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, on_signal)
 
-    previous = trap()
-    server = Server(opts)
+    trap()
+    server = Server(opts, on_ray_started=trap)
     try:
-        server.start()
-        # ray.init installs its own SIGTERM handler (it kills the driver on the spot, leaving
-        # the engines orphaned); take SIGTERM back so that shutdown runs in order.
-        trap()
-        if stop.is_set():
+        try:
+            server.start()
+        except (KeyboardInterrupt, SystemExit):
+            # our handler (KeyboardInterrupt) or Ray's, active while ray.init runs (SystemExit):
+            # either way start() has already stopped what it started
             return
+        starting[0] = False
         on_ready(
             f"serving {', '.join(server.models)} at {server.url}/v1 (OpenAI API)"
             + (f"; Prometheus metrics at http://127.0.0.1:{opts.metrics_port}/metrics" if server.own_ray else "")
@@ -224,6 +261,8 @@ def serve_forever(opts: ServeOptions, on_ready=print) -> None:
         while not stop.wait(0.5):
             pass
     finally:
+        starting[0] = False
+        trap()  # ours again, also where start() was cut short inside ray.init (Ray's handlers)
         server.stop()
-        for s, h in previous.items():
-            signal.signal(s, h)
+        # The handlers stay: Ray's shutdown can deliver a late SIGINT/SIGTERM, which must not
+        # turn a clean stop into a death by signal. serve_forever owns the process's signals.

@@ -140,3 +140,76 @@ def test_emit_config_is_a_valid_serve_config(served, tmp_path):
     assert cfg["accelerator_config"]["kind"] == "gpu" and cfg["engine_kwargs"]["max_model_len"] == 4096
     assert cfg["engine_kwargs"]["trust_remote_code"] is False
     assert schema.http_options.host == "127.0.0.1"
+
+
+RESTART_DEADLINE_S = 300  # a replaced replica's engine starts in about a minute here; allow five
+
+
+def _engines(served) -> list:
+    import psutil
+
+    out = []
+    for p in psutil.Process(served.proc.pid).children(recursive=True):
+        try:
+            if "EngineCore" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_zz_killed_engine_is_replaced_and_only_in_flight_requests_fail(served):
+    """Runs last (it disturbs the app). SIGKILL one engine process under steady load on both
+    models: Serve must replace the replica and both models must answer again within
+    RESTART_DEADLINE_S; a failed request must have been in flight when the engine died."""
+    import signal
+    import threading
+
+    engines = _engines(served)
+    assert len(engines) == 2, engines
+    records, stop = [], threading.Event()
+
+    def worker(i):
+        while not stop.is_set():
+            t0 = time.time()
+            try:
+                r = httpx.post(
+                    served.url + "/v1/completions", headers=_auth(served), timeout=RESTART_DEADLINE_S,
+                    json={"model": served.models[i % 2], "prompt": f"x{i}", "max_tokens": 16},
+                )
+                status = r.status_code
+            except httpx.HTTPError:
+                status = -1
+            records.append((t0, time.time(), status))
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(5)
+    t_kill = time.time()
+    engines[0].send_signal(signal.SIGKILL)
+    # recovery: a fresh request to each model succeeds
+    recovered = {}
+    while len(recovered) < 2 and time.time() - t_kill < RESTART_DEADLINE_S:
+        for m in served.models:
+            if m not in recovered:
+                try:
+                    r = httpx.post(served.url + "/v1/completions", headers=_auth(served), timeout=60,
+                                   json={"model": m, "prompt": "ok", "max_tokens": 2})
+                    if r.status_code == 200:
+                        recovered[m] = time.time() - t_kill
+                except httpx.HTTPError:
+                    pass
+        time.sleep(1)
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(RESTART_DEADLINE_S)
+    assert len(recovered) == 2, f"not serving again within {RESTART_DEADLINE_S} s: {recovered}"
+    failed = [(s, e, st) for s, e, st in records if st != 200]
+    late = [(round(s - t_kill, 1), st) for s, e, st in failed if s > t_kill]
+    assert not late, f"requests sent after the kill failed: {late}"
+    assert all(s <= t_kill <= e for s, e, _ in failed), failed  # only those in flight
+    ok_after = [1 for s, e, st in records if st == 200 and s > t_kill]
+    assert ok_after, "no request succeeded after the kill"
+    print(f"engine killed: {len(failed)} in-flight request(s) failed; recovered in {max(recovered.values()):.0f} s")

@@ -76,3 +76,37 @@ def test_fp8_serves_on_amx(merged_tiny, tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
     finally:
         assert not stop_and_reap(proc)
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_stops_cleanly(merged_tiny):
+    """SIGTERM while Ray and the engine are still starting: the command stops at once, tears down
+    what it started, exits 0, and leaves no process behind."""
+    import os
+    import signal
+
+    import psutil
+
+    from tests.serve.conftest import free_port
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mergeserve.cli", "serve", str(merged_tiny["bf16"]), "--port", str(free_port()),
+         "--metrics-port", str(free_port()), "--enforce-eager"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    me = psutil.Process(proc.pid)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any("raylet" in " ".join(c.cmdline()) for c in me.children(recursive=True)):
+        time.sleep(0.5)
+    time.sleep(5)  # Ray is up, the app is deploying
+    family = me.children(recursive=True)
+    assert family, "Ray did not start"
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    assert time.time() - t0 < 90
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for p in alive:
+        p.kill()
+    assert not alive, [p.pid for p in alive]

@@ -1,0 +1,165 @@
+"""Serving benchmark: `mergeserve serve` (Ray Serve + vLLM) against vLLM's own OpenAI server,
+same checkpoint, same load, one after the other in one run.
+
+    .venv/bin/python benchmarks/serve_bench.py CHECKPOINT [--concurrency 16] [--requests 64] [--max-tokens 64]
+
+For each server: start it (timing start-up to first successful request), warm it, then run the
+load: ``--requests`` streamed completions, ``--concurrency`` at a time, each generating exactly
+``--max-tokens`` tokens (ignore_eos). Reports output tokens/s, p50/p90 time to first token, peak
+RSS of the server's process tree, and the ratios mergeserve / vLLM. Writes JSON and Markdown to
+benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RssWatch(threading.Thread):
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.proc, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            total = 0
+            for p in [self.proc, *self.proc.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, i: int) -> tuple[float, int, float]:
+    body = {"model": model, "prompt": f"def function_{i}(x):", "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("choices") and d["choices"][0].get("text") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if d.get("usage"):
+                tokens = d["usage"]["completion_tokens"]
+    return ttft or float("nan"), tokens, time.perf_counter() - t0
+
+
+async def load(url: str, model: str, n: int, conc: int, max_tokens: int) -> dict:
+    sem = asyncio.Semaphore(conc)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=conc * 2)) as client:
+        async def run(i):
+            async with sem:
+                return await one(client, url, model, max_tokens, i)
+
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(run(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    ttfts = sorted(r[0] for r in res)
+    toks = sum(r[1] for r in res)
+    return {"output_tok_s": toks / wall, "ttft_p50_ms": 1000 * statistics.median(ttfts),
+            "ttft_p90_ms": 1000 * ttfts[int(0.9 * (len(ttfts) - 1))], "tokens": toks, "wall_s": wall}
+
+
+def start(cmd: list[str], url: str, model: str) -> tuple[subprocess.Popen, float, RssWatch]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1"))
+    watch = RssWatch(proc.pid)
+    watch.start()
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{cmd[:4]} exited with {proc.returncode}")
+        try:
+            r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1}, timeout=30)
+            if r.status_code == 200:
+                return proc, time.perf_counter() - t0, watch
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    family = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for p in alive:
+        p.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    a = ap.parse_args()
+    name = "bench-model"
+    sides = {
+        "vllm-openai-server": lambda port: [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", a.checkpoint,
+                                            "--served-model-name", name, "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port)],
+        "mergeserve-serve": lambda port: [sys.executable, "-m", "mergeserve.cli", "serve", a.checkpoint, "--name", name,
+                                          "--port", str(port), "--metrics-port", str(free_port())],
+    }
+    results = {}
+    for side, cmd in sides.items():
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc, startup, watch = start(cmd(port), url, name)
+        try:
+            asyncio.run(load(url, name, a.concurrency, a.concurrency, 8))  # warm-up
+            r = asyncio.run(load(url, name, a.requests, a.concurrency, a.max_tokens))
+        finally:
+            watch.done.set()
+            stop(proc)
+        r.update(startup_s=startup, peak_rss_gib=watch.peak / 2**30)
+        results[side] = r
+        print(f"{side:20s} start {startup:6.1f} s  {r['output_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
+              f"p90 {r['ttft_p90_ms']:7.1f} ms  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+    v, m = results["vllm-openai-server"], results["mergeserve-serve"]
+    table = "\n".join([
+        f"| server ({a.concurrency} concurrent streams, {a.requests} x {a.max_tokens} tokens) | output tok/s | TTFT p50 ms | TTFT p90 ms | start-up s | peak RSS GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {k} | {r['output_tok_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['startup_s']:.1f} | {r['peak_rss_gib']:.2f} |" for k, r in results.items()),
+        f"| mergeserve / vLLM | {m['output_tok_s'] / v['output_tok_s']:.1%} | {m['ttft_p50_ms'] - v['ttft_p50_ms']:+.1f} ms | | | |",
+    ])
+    print(table)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "serve.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
