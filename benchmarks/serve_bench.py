@@ -124,13 +124,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--serve-args", default="", help="extra arguments for mergeserve serve, e.g. --no-engine-metrics")
     a = ap.parse_args()
     name = "bench-model"
     sides = {
         "vllm-openai-server": lambda port: [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", a.checkpoint,
                                             "--served-model-name", name, "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port)],
         "mergeserve-serve": lambda port: [sys.executable, "-m", "mergeserve.cli", "serve", a.checkpoint, "--name", name,
-                                          "--port", str(port), "--metrics-port", str(free_port())],
+                                          "--port", str(port), "--metrics-port", str(free_port()), *a.serve_args.split()],
     }
     results = {}
     for side, cmd in sides.items():

@@ -91,6 +91,7 @@ def llm_config(
     replicas: int | str = 1,
     trust_remote_code: bool = False,
     enforce_eager: bool = False,
+    engine_metrics: bool = True,
 ) -> dict[str, Any]:
     """The LLMConfig (as a dict: it also goes into ``--emit-config`` YAML) for one checkpoint."""
     if max_model_len > ckpt.max_positions:
@@ -120,5 +121,5 @@ def llm_config(
         "engine_kwargs": engine,
         "runtime_env": {"env_vars": env},
         "deployment_config": deployment,
-        "log_engine_metrics": True,
+        "log_engine_metrics": engine_metrics,
     }

@@ -42,6 +42,7 @@ class ServeOptions:
     trust_remote_code: bool = False
     enforce_eager: bool = False
     metrics_port: int = 8080
+    engine_metrics: bool = True
     ready_timeout_s: float = 900.0
 
 
@@ -73,7 +74,7 @@ def app_args(opts: ServeOptions, ckpts: list[Checkpoint], accelerator: str, chec
         llm_config(
             c, accelerator=accelerator, max_model_len=opts.max_model_len, quantize=opts.quantize_fp8,
             kv_cache_gib=opts.kv_cache_gib, replicas=opts.replicas, trust_remote_code=opts.trust_remote_code,
-            enforce_eager=opts.enforce_eager,
+            enforce_eager=opts.enforce_eager, engine_metrics=opts.engine_metrics,
         )
         for c in ckpts
     ]
