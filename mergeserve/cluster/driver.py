@@ -20,9 +20,12 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergeserve.errors import ClusterError, ConfigError, InputError, MergeServeError, ResourceError
+
+if TYPE_CHECKING:
+    from mergeserve.merge.api import MergeResult
 
 # torch and the merge engine are imported on the planning thread, while Ray starts on this one:
 # both take seconds, and a short merge is dominated by such fixed costs.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 import struct
 import threading
 from dataclasses import dataclass

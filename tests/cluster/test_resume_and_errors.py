@@ -5,7 +5,6 @@ full disk (real kernel limits: RLIMIT_AS and RLIMIT_FSIZE on the merge process).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -51,7 +51,6 @@ def test_fp8_without_amx_says_why(merged_tiny):
 @pytest.mark.skipif(not cpu_has_amx(), reason="vLLM's CPU FP8 kernels need AMX (test_fp8_without_amx_says_why runs instead)")
 def test_fp8_serves_on_amx(merged_tiny, tmp_path):
     import os
-    import signal
 
     import httpx
 
