@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mergeserve.errors import ConfigError, InputError
+from mergeserve.errors import ConfigError, InputError, UnsupportedError
 from mergeserve.merge.config import DTYPE_ALIASES, MergeConfig
 from mergeserve.merge.methods.registry import MethodSpec, get_method
 from mergeserve.merge.params import MISSING, resolve
@@ -191,6 +191,11 @@ class Planner:
         if self.out_dtype_arg is not None and self.out_dtype_arg not in OUT_DTYPES and self.out_dtype_arg not in DTYPE_ALIASES:
             raise ConfigError(f"out_dtype: unknown dtype {self.out_dtype_arg!r} (use one of {', '.join(OUT_DTYPES)})")
         refs = config.referenced_models()
+        with_lora = [str(r) for r in refs if getattr(r, "lora", None)]
+        if with_lora:  # refuse rather than silently merge the model without its adapter
+            raise UnsupportedError(
+                f"models: LoRA adapters are not supported yet ({', '.join(with_lora)}); merge the adapter into its model first"
+            )
         self.models = tuple(ModelInput(str(r), str(resolve_model_path(str(r), models_dir))) for r in refs)
         self._index = {m.ref: i for i, m in enumerate(self.models)}
         self.files = [ModelFiles(m.path, allow_pickle=allow_pickle, label=m.ref) for m in self.models]

@@ -165,3 +165,9 @@ def test_console_command_exit_status(models, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "slurp" in p.stderr
+
+
+def test_lora_reference_is_refused_not_ignored(models, tmp_path, capsys):
+    r = _slerp_b("b+some/adapter")
+    code, err, out = _run(tmp_path, models, r, capsys)
+    assert code == 2 and "LoRA" in err and "b+some/adapter" in err and not out.exists()
