@@ -25,17 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(path: str, port: int) -> subprocess.Popen | None:
+def serve(path: str, port: int, log: str) -> subprocess.Popen | None:
     cmd = [sys.executable, "-m", "mergeserve.cli", "serve", path, "--name", "marcoro14-tiny", "--port", str(port),
            "--metrics-port", str(free_port())]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    # Ray's and vLLM's logs go to a file: an undrained pipe would fill up and stall the server.
+    with open(log, "a") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     t0 = time.time()
     for line in proc.stdout:  # the command prints one line when it is ready
         if line.startswith("serving"):
-            print(f"{line.strip()}  (ready after {time.time() - t0:.0f} s)", flush=True)
+            print(f"{line.strip()}  (ready after {time.time() - t0:.0f} s; logs in {log})", flush=True)
             return proc
     proc.wait()
-    print(proc.stderr.read().strip().splitlines()[-1], flush=True)
+    lines = [x for x in open(log).read().strip().splitlines() if x.startswith("mergeserve: error")]
+    print(lines[-1] if lines else f"mergeserve serve exited with {proc.returncode} (see {log})", flush=True)
     return None
 
 
@@ -43,10 +46,11 @@ def main() -> int:
     fp8, bf16 = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
     port = free_port()
     print(f"starting Ray Serve + vLLM for {fp8} on 127.0.0.1:{port} (about a minute on CPU)", flush=True)
-    proc = serve(fp8, port)
+    log = os.path.join(os.path.dirname(os.path.abspath(fp8)), "serve.log")
+    proc = serve(fp8, port, log)
     if proc is None and bf16:
         print(f"serving the bf16 merge instead: {bf16}", flush=True)
-        proc = serve(bf16, port)
+        proc = serve(bf16, port, log)
     if proc is None:
         return 1
     try:
