@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Subcommands living in other subpackages (serve, loadtest, sweep), registered if present."""
     out = []
-    for mod in ("mergeserve.serve.cli", "mergeserve.loadtest.cli", "mergeserve.cluster.sweep_cli"):
+    for mod in ("mergeserve.serve.cli", "mergeserve.loadtest.cli", "mergeserve.sweep.cli"):
         try:
             m = __import__(mod, fromlist=["register"])
         except ModuleNotFoundError as e:

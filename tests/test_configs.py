@@ -11,7 +11,7 @@ from mergeserve.merge.api import validate
 from mergeserve.merge.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-ALL = sorted((REPO / "configs").rglob("*.yaml"))
+ALL = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "sweeps" not in p.parts)  # sweeps: tests/sweep
 TINY = sorted((REPO / "configs" / "tiny").glob("*.yaml"))
 
 

@@ -104,22 +104,32 @@ class SourceCache:
         self._files.clear()
 
 
-def compute_tensor(task: TensorTask, method: str, sources: SourceCache, device: str = "cpu") -> list[tuple[str, torch.Tensor]]:
-    """Merge one output tensor; returns [(name, tensor)] (two entries for FP8: weight + scale)."""
-    spec = get_method(method)
-    dtype = ST_DTYPES[task.compute_dtype][0]
+def load_inputs(task: TensorTask, sources: SourceCache, device: str = "cpu", dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The task's source tensors, shape-checked and cast to its compute dtype on ``device``."""
+    dtype = dtype or ST_DTYPES[task.compute_dtype][0]
     inputs = []
     for m, name in task.sources:
         t = sources[m].get(name)
         if tuple(t.shape) != task.shape:
             raise InputError(f"model {sources.models[m].ref}: tensor {name!r} has shape {list(t.shape)}, planned {list(task.shape)}")
         inputs.append(t.to(device=device, dtype=dtype))
-    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in task.params}
-    gen = None
-    if task.seed is not None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(task.seed)
-    out = spec(inputs, task.base_index, generator=gen, **params)
+    return inputs
+
+
+def task_params(task: TensorTask) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in task.params}
+
+
+def task_generator(task: TensorTask, device: str = "cpu") -> torch.Generator | None:
+    if task.seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(task.seed)
+    return gen
+
+
+def finish_tensor(task: TensorTask, out: torch.Tensor, inputs: Sequence[torch.Tensor], sources: SourceCache) -> list[tuple[str, torch.Tensor]]:
+    """Check a merged tensor for NaN/Inf, then quantize or cast it: [(name, tensor)] on CPU."""
     # NaN/Inf anywhere make the sum non-finite; the sum is ~100x cheaper than isfinite().all(),
     # which only runs, to find the culprit, when the sum is not finite.
     if out.is_floating_point() and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
@@ -129,9 +139,15 @@ def compute_tensor(task: TensorTask, method: str, sources: SourceCache, device: 
         raise InputError(f"tensor {task.name!r}: the merge produced NaN or Inf (check the method's parameters)")
     if task.quantize == FP8_BLOCK:
         q, s = quantize_fp8_block(out)
-        result = [(task.name, q.cpu()), (task.scale_name, s.cpu())]
-    else:
-        result = [(task.name, out.to(dtype=ST_DTYPES[task.out_dtype][0]).cpu())]
+        return [(task.name, q.cpu()), (task.scale_name, s.cpu())]
+    return [(task.name, out.to(dtype=ST_DTYPES[task.out_dtype][0]).cpu())]
+
+
+def compute_tensor(task: TensorTask, method: str, sources: SourceCache, device: str = "cpu") -> list[tuple[str, torch.Tensor]]:
+    """Merge one output tensor; returns [(name, tensor)] (two entries for FP8: weight + scale)."""
+    inputs = load_inputs(task, sources, device)
+    out = get_method(method)(inputs, task.base_index, generator=task_generator(task, device), **task_params(task))
+    result = finish_tensor(task, out, inputs, sources)
     del inputs, out
     for m, name in task.sources:
         sources[m].release(name)

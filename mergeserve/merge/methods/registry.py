@@ -14,6 +14,10 @@ A merge method is a plain tensor function with this signature::
   recipe seed and the tensor name, so a run is reproducible wherever the tensor is computed.
 - returns the merged tensor in the inputs' dtype (the executor applies ``out_dtype``).
 
+A method may also give ``many``: the same function for several parameter sets over the same
+inputs (``many(tensors, base_index, [params, ...]) -> [Tensor, ...]``), each result bit-identical
+to a separate call, for merge sweeps that share work across variants (slerp's norms and angle).
+
 Each method file calls :func:`register` exactly once with a :class:`MethodSpec`; there is no
 second registration path.
 """
@@ -99,6 +103,7 @@ class MethodSpec:
     changes_layer_count: bool = False
     reference: str = ""
     fixed: dict[str, Any] = field(default_factory=dict)
+    many: Callable[..., list[torch.Tensor]] | None = None  # several parameter sets, shared work
 
     @property
     def shared_params(self) -> tuple[Param, ...]:
@@ -128,6 +133,20 @@ class MethodSpec:
         if self.random:
             kwargs["generator"] = generator
         return self.fn(tensors, base_index, **kwargs)
+
+
+    def call_many(
+        self,
+        tensors: Sequence[torch.Tensor],
+        base_index: int | None,
+        param_sets: Sequence[dict[str, Any]],
+        generators: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """One result per parameter set; uses ``many`` where the method has one (not random)."""
+        if self.many is not None and not self.random and not self.fixed:
+            return self.many(tensors, base_index, list(param_sets))
+        gens = generators or [None] * len(param_sets)
+        return [self(tensors, base_index, generator=g, **p) for p, g in zip(param_sets, gens)]
 
 
 METHODS: dict[str, MethodSpec] = {}

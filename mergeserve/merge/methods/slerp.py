@@ -32,31 +32,49 @@ def _chunks(v: torch.Tensor) -> list[torch.Tensor]:
     return [v[start : start + CHUNK] for start in range(0, v.numel(), CHUNK)]
 
 
-def slerp_pair(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Slerp from ``a`` (t=0) to ``b`` (t=1); both of shape ``S``; returns shape ``S``, a's dtype."""
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    tt = torch.tensor(t, dtype=torch.float32).to(dtype=dtype, device=a.device)
-    # Converted chunk by chunk in each pass: the float32 temporaries of a 2**20-element chunk stay
-    # in cache, so this moves less memory than converting whole tensors once.
-    va, vb = a.reshape(-1), b.reshape(-1)
-    if va.numel() == 0:
-        return a.clone()
+def _geometry(va: torch.Tensor, vb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The clamped cosine between two flat vectors, accumulated per chunk as mergekit does."""
     # vector_norm(dtype=...) upcasts inside the reduction: same bits, no float32 copy.
     na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x, dtype=dtype) for x in _chunks(va)]))
     nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(y, dtype=dtype) for y in _chunks(vb)]))
     na = torch.where(na > EPS, na, 1)
     nb = torch.where(nb > EPS, nb, 1)
     dot = torch.stack([(x.to(dtype) / na * (y.to(dtype) / nb)).sum() for x, y in zip(_chunks(va), _chunks(vb))])
-    dot = dot.sum().clamp(-1, 1)
+    return dot.sum().clamp(-1, 1)
+
+
+def _apply(t: float, dot: torch.Tensor, a: torch.Tensor, va: torch.Tensor, vb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    tt = torch.tensor(t, dtype=torch.float32).to(dtype=dtype, device=a.device)
     colinear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(colinear, 0, dot))
     sin_theta = torch.sin(theta)
     ca = torch.where(colinear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     cb = torch.where(colinear, tt, torch.sin(tt * theta) / sin_theta)
     out = torch.empty(va.shape, dtype=a.dtype, device=a.device)
+    # Converted chunk by chunk: the float32 temporaries of a 2**20-element chunk stay in cache,
+    # so this moves less memory than converting whole tensors once.
     for start in range(0, va.numel(), CHUNK):
         out[start : start + CHUNK] = ca * va[start : start + CHUNK].to(dtype) + cb * vb[start : start + CHUNK].to(dtype)
     return out.reshape(a.shape)
+
+
+def slerp_pairs(ts: Sequence[float], a: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+    """Slerp from ``a`` (t=0) to ``b`` (t=1) at every position in ``ts``; shapes ``S`` -> ``[S] * len(ts)``.
+
+    The norms and the dot product do not depend on ``t``, so a sweep over ``t`` computes them once;
+    each result is bit-identical to :func:`slerp_pair` at that ``t``.
+    """
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    va, vb = a.reshape(-1), b.reshape(-1)
+    if va.numel() == 0:
+        return [a.clone() for _ in ts]
+    dot = _geometry(va, vb, dtype)
+    return [_apply(t, dot, a, va, vb, dtype) for t in ts]
+
+
+def slerp_pair(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Slerp from ``a`` (t=0) to ``b`` (t=1); both of shape ``S``; returns shape ``S``, a's dtype."""
+    return slerp_pairs([t], a, b)[0]
 
 
 def slerp(tensors: Sequence[torch.Tensor], base_index: int | None, *, t: float) -> torch.Tensor:
@@ -64,10 +82,17 @@ def slerp(tensors: Sequence[torch.Tensor], base_index: int | None, *, t: float) 
     return slerp_pair(t, tensors[base], tensors[1 - base])
 
 
+def slerp_many(tensors: Sequence[torch.Tensor], base_index: int | None, param_sets: Sequence[dict]) -> list[torch.Tensor]:
+    """:func:`slerp` for several parameter sets over the same inputs (a sweep over ``t``)."""
+    base = 0 if base_index is None else base_index
+    return slerp_pairs([p["t"] for p in param_sets], tensors[base], tensors[1 - base])
+
+
 register(
     MethodSpec(
         name="slerp",
         fn=slerp,
+        many=slerp_many,
         params=(Param("t", description="interpolation position: 0 is the base model, 1 the other"),),
         base="required",
         min_models=2,

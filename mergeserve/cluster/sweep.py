@@ -1,0 +1,345 @@
+"""The sweep driver: ``mergeserve sweep SWEEP.yaml OUT_DIR [--address ...] [--resume] [--serve-top K]``.
+
+1. Load the spec, apply every variant's axis values to the recipe, and validate and plan every
+   variant (grid and random searches) before any work: bad axes, empty grids, a budget below 1,
+   missing evaluation files and invalid variants (named) fail here, with every problem at once.
+2. Identical variants (equal plans) are merged once; the others are grouped by structure into
+   batches of ``batch_size``. A batch is merged shard by shard on Ray actors: each task reads a
+   shard's source tensors ONCE and computes that shard for every variant of the batch, so each
+   source byte is read ceil(variants / batch_size) times instead of once per variant.
+3. ``output: none`` scores each batch in memory on the actor that merged it (nothing written);
+   otherwise each variant's shards go to ``OUT/variants/NAME`` (atomically committed when all are
+   written) and the checkpoint is then scored on an actor.
+4. Adaptive search (tpe, cmaes) runs in rounds: ask a batch, merge and score it, tell.
+5. Results: ``results.jsonl`` (one line per finished variant: ``--resume`` skips those), then
+   ``results.csv``, ``results.json`` (best per objective, Pareto set, bytes read vs the naive
+   plan) and ``pareto.png`` / ``tradeoff.png``. ``--serve-top K`` serves the best K side by side
+   and load-tests them (:mod:`mergeserve.sweep.serve_top`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergeserve.errors import ConfigError, OutputExistsError
+
+
+@dataclass
+class SweepRun:
+    """What the driver keeps while a sweep runs."""
+
+    out: Path
+    spec: Any
+    texts: dict[str, str]
+    shard_size: int
+    eval_opts: dict
+    rows: dict[str, dict] = field(default_factory=dict)  # name -> result row
+    bytes_read: int = 0
+    bytes_naive: int = 0
+    tasks: int = 0
+
+    def record(self, row: dict) -> None:
+        self.rows[row["name"]] = row
+        with open(self.out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
+
+class _Pool:
+    """Jobs on idle actors; each job is (method name, args, context). Errors name the context."""
+
+    def __init__(self, actors: list):
+        self.idle = list(actors)
+        self.queue: list[tuple[str, tuple, Any]] = []
+        self.running: dict = {}
+
+    def submit(self, method: str, args: tuple, ctx: Any) -> None:
+        self.queue.append((method, args, ctx))
+
+    def _start(self) -> None:
+        while self.idle and self.queue:
+            actor = self.idle.pop()
+            method, args, ctx = self.queue.pop(0)
+            self.running[getattr(actor, method).remote(*args)] = (actor, ctx)
+
+    def next(self) -> tuple[Any, Any]:
+        """(context, result) of the next finished job."""
+        import ray
+
+        self._start()
+        [ref], _ = ray.wait(list(self.running), num_returns=1)
+        actor, ctx = self.running.pop(ref)
+        self.idle.append(actor)
+        try:
+            res = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - mapped to our error types, naming the job
+            from mergeserve.cluster.driver import _map_ray_error
+
+            raise _map_ray_error(e, str(ctx)) from None
+        self._start()
+        return ctx, res
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.running)
+
+
+def prepare(spec_path: str | Path, out_dir: str | Path, *, models_dir: str | None = None, resume: bool = False):
+    """Every check that needs no Ray; returns (spec, root, recipe, texts, models_dir, planned or None)."""
+    from mergeserve.eval.perplexity import read_texts
+    from mergeserve.sweep.spec import load_spec
+    from mergeserve.sweep.variants import check_axes, grid_variants, load_recipe, plan_variants, random_variants
+
+    spec, root = load_spec(spec_path)
+    recipe = load_recipe(spec, root)
+    problems = check_axes(spec, recipe)
+    files = {k: (Path(v) if Path(v).is_absolute() else root / v) for k, v in spec.eval.texts.items()}
+    for k, f in files.items():
+        if not f.is_file():
+            problems.append(f"eval.texts.{k}: file not found: {f}")
+    if spec.eval.backend == "vllm" and spec.output == "none":
+        problems.append("eval.backend: vllm scores written checkpoints; set output to a dtype (e.g. bfloat16)")
+    if spec.search.kind in ("tpe", "cmaes") and not files:
+        problems.append(f"eval.texts: {spec.search.kind} search needs texts to score variants")
+    obj = spec.search.objective
+    if obj != "mean" and obj not in files:
+        problems.append(f"search.objective: {obj!r} is not one of eval.texts ({', '.join(files) or 'none'}) or 'mean'")
+    if problems:
+        raise ConfigError.from_problems(list(dict.fromkeys(problems)), str(spec_path))
+    texts = read_texts(files)
+    mdir = models_dir or (str(Path(spec.models_dir) if Path(spec.models_dir).is_absolute() else root / spec.models_dir) if spec.models_dir else None)
+    out = Path(out_dir)
+    if not resume and (out / "results.jsonl").exists():
+        raise OutputExistsError(f"{out} holds an earlier sweep's results: pass --resume to continue it, or choose another OUT_DIR")
+    od = None if spec.output == "none" else spec.output
+    planned = None
+    from mergeserve.sweep.variants import make_variant
+
+    ends = [[(ax.values[0] if ax.values else ax.low) for ax in spec.axes], [(ax.values[-1] if ax.values else ax.high) for ax in spec.axes]]
+    # adaptive search: both ends of every range are checked before any work
+    probe = plan_variants([make_variant(i, recipe, spec.axes, v) for i, v in enumerate(ends)], models_dir=mdir, out_dtype=od,
+                          seed=spec.seed, shard_size=10**15)
+    shard = spec.out_shard_size
+    if shard == "auto":  # enough shards for every CPU to write one, two each, whole layers, <= 5 GB
+        shard = max(1, min(5_000_000_000, probe[0].plan.bytes_written // (2 * (os.cpu_count() or 1))))
+    if spec.search.kind in ("grid", "random"):
+        variants = grid_variants(spec, recipe) if spec.search.kind == "grid" else random_variants(spec, recipe)
+        planned = plan_variants(variants, models_dir=mdir, out_dtype=od, seed=spec.seed, shard_size=shard)
+    return spec, root, recipe, texts, mdir, planned, shard
+
+
+def run_sweep(
+    spec_path: str | Path,
+    out_dir: str | Path,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    resume: bool = False,
+    models_dir: str | None = None,
+    serve_top: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run a sweep; returns the summary written to ``OUT/results.json``."""
+    t0 = time.perf_counter()
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {workers}")
+    if serve_top < 0:
+        raise ConfigError(f"--serve-top: must be at least 0, got {serve_top}")
+    spec, root, recipe, texts, mdir, planned, shard = prepare(spec_path, out_dir, models_dir=models_dir, resume=resume)
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    run = SweepRun(out, spec, texts, shard, {"max_length": spec.eval.max_length, "max_tokens": spec.eval.max_tokens,
+                                      "backend": spec.eval.backend, "lm_eval_tasks": spec.eval.lm_eval_tasks})
+    done = _load_done(out) if resume else {}
+    import ray
+    from tqdm import tqdm
+
+    from mergeserve.cluster.driver import cluster_workers, connect
+    from mergeserve.cluster.sweep_worker import SweepWorker
+
+    own = connect(address)
+    actors: list = []
+    try:
+        n, resources, dev = cluster_workers(workers)
+        actors = [SweepWorker.options(max_restarts=-1, max_task_retries=3, **resources).remote(dev) for _ in range(n)]
+        pool = _Pool(actors)
+        total = len(planned) if planned is not None else (spec.search.budget or 0)
+        with tqdm(total=total, desc="variants", unit="variant", position=0, disable=not progress, dynamic_ncols=True) as vbar, \
+             tqdm(desc="shards", unit="shard", position=1, disable=not progress, dynamic_ncols=True, leave=False) as sbar:
+            if planned is not None:
+                _run_variants(run, pool, planned, done, vbar, sbar)
+            else:
+                _run_adaptive(run, pool, recipe, mdir, done, vbar, sbar)
+        top = _top(run, serve_top, mdir)
+        if top and spec.output == "none":  # the winners were scored in memory: write them now
+            from mergeserve.sweep.variants import batches
+
+            read = run.bytes_read  # not part of the sweep's own reads
+            _write_checkpoints(run, pool, batches(top, len(top)), sbar=None)
+            run.bytes_read = read
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if own:
+            ray.shutdown()
+    axes = [ax.label for ax in spec.axes]
+    rows = list(run.rows.values())
+    summary_extra = {
+        "bytes_read": run.bytes_read, "bytes_read_naive": run.bytes_naive,
+        "read_ratio": round(run.bytes_read / run.bytes_naive, 4) if run.bytes_naive else None,
+        "seconds": round(time.perf_counter() - t0, 2), "output": spec.output,
+    }
+    from mergeserve.sweep.results import table, write_report
+
+    summary = write_report(out, rows, axes, summary_extra)
+    summary["table"] = table(rows, axes)
+    if serve_top:
+        from mergeserve.sweep.serve_top import serve_and_loadtest
+
+        chosen = {pv.name: run.rows[pv.name]["checkpoint"] for pv in top}
+        summary["loadtest"] = serve_and_loadtest(chosen, out / "loadtest", progress=progress)
+    return summary
+
+
+def _load_done(out: Path) -> dict[str, dict]:
+    """content key -> finished row, from an earlier run's results.jsonl."""
+    done = {}
+    f = out / "results.jsonl"
+    if f.exists():
+        for line in f.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if row.get("content"):
+                done[row["content"]] = row
+    return done
+
+
+def _row(pv, scores: dict | None, checkpoint: str | None, extra: dict | None = None) -> dict:
+    from mergeserve.sweep.variants import variant_record
+
+    return {**variant_record(pv), "scores": scores, "checkpoint": checkpoint, **(extra or {})}
+
+
+def _run_variants(run: SweepRun, pool: _Pool, planned: list, done: dict, vbar, sbar) -> None:
+    """Merge (and score) every planned variant not finished before; record duplicates too."""
+    from mergeserve.sweep.variants import batches
+
+    run.bytes_naive += sum(pv.plan.bytes_read for pv in planned)
+    todo = []
+    for pv in planned:
+        prev = done.get(pv.content)
+        if prev is not None and (run.spec.output == "none" or (prev.get("checkpoint") and Path(prev["checkpoint"]).is_dir())):
+            run.rows[pv.name] = {**prev, "name": pv.name, "label": pv.variant.label}
+            vbar.update(1)
+        else:
+            todo.append(pv)
+    groups = batches(todo, run.spec.batch_size)
+    if run.spec.output == "none":
+        for b in groups:
+            pool.submit("merge_score", ([pv.plan for pv in b], run.texts, run.eval_opts), ("batch", b))
+        sbar.reset(total=sum(len(b[0].plan.shards) for b in groups))
+        while pool.busy:
+            (_, b), (scores, read) = pool.next()
+            run.bytes_read += read
+            sbar.update(len(b[0].plan.shards))
+            for pv, sc in zip(b, scores):
+                run.record(_row(pv, sc if run.texts else None, None))
+                vbar.update(1)
+    else:
+        _write_checkpoints(run, pool, groups, sbar, vbar=vbar, score=bool(run.texts))
+    for pv in todo:  # duplicates share their original's result
+        if pv.duplicate_of is not None and pv.duplicate_of in run.rows:
+            orig = run.rows[pv.duplicate_of]
+            run.record({**_row(pv, orig.get("scores"), orig.get("checkpoint")), "lm_eval": orig.get("lm_eval")})
+            vbar.update(1)
+
+
+def _write_checkpoints(run: SweepRun, pool: _Pool, groups: list, sbar, vbar=None, score: bool = False) -> None:
+    """Merge batches to OUT/variants/NAME shard by shard; score each checkpoint once committed."""
+    from mergeserve.cluster.sweep_worker import checkpoint_dir
+    from mergeserve.merge.outputs import write_metadata
+    from mergeserve.merge.writer import StagingDir
+
+    stages, results, left = {}, {}, {}
+    for b in groups:
+        for pv in b:
+            stages[pv.name] = StagingDir(checkpoint_dir(run.out, pv.name), overwrite=True)
+            results[pv.name], left[pv.name] = [], len(pv.plan.shards)
+        for k in range(len(b[0].plan.shards)):
+            pool.submit("merge_shard", ([pv.plan for pv in b], k, [str(stages[pv.name].path) for pv in b]),
+                        ("shard", b, k, b[0].plan.shards[k].filename))
+    if sbar is not None:
+        sbar.reset(total=sum(len(b[0].plan.shards) for b in groups))
+    try:
+        while pool.busy:
+            ctx, res = pool.next()
+            if ctx[0] == "score":
+                pv, path = ctx[1], ctx[2]
+                run.record(_row(pv, res["scores"], path, {"lm_eval": res.get("lm_eval")}))
+                if vbar is not None:
+                    vbar.update(1)
+                continue
+            _, b, _, _ = ctx
+            shard_results, read = res
+            run.bytes_read += read
+            if sbar is not None:
+                sbar.update(1)
+            for pv, sr in zip(b, shard_results):
+                results[pv.name].append(sr)
+                left[pv.name] -= 1
+                if left[pv.name] == 0:
+                    write_metadata(stages[pv.name].path, pv.config, pv.recipe_text, pv.plan, results[pv.name], seconds=0.0)
+                    path = str(stages[pv.name].commit())
+                    if score:
+                        pool.submit("score_dir", (path, run.texts, run.eval_opts), ("score", pv, path))
+                    else:
+                        prev = run.rows.get(pv.name, {})
+                        run.record({**_row(pv, prev.get("scores"), path), "lm_eval": prev.get("lm_eval")})
+                        if vbar is not None:
+                            vbar.update(1)
+    except BaseException:
+        for name, st in stages.items():
+            if left.get(name):
+                st.discard()  # no half-written checkpoint is left behind
+        raise
+
+
+def _run_adaptive(run: SweepRun, pool: _Pool, recipe: dict, mdir, done: dict, vbar, sbar) -> None:
+    from mergeserve.sweep.search import AdaptiveSearch, objective_value
+    from mergeserve.sweep.variants import make_variant, plan_variants
+
+    spec = run.spec
+    search = AdaptiveSearch(spec)
+    od = None if spec.output == "none" else spec.output
+    index, known = 0, {}
+    while not search.done:
+        asked = search.ask(spec.batch_size)
+        variants = [make_variant(index + i, recipe, spec.axes, vals) for i, (_, vals) in enumerate(asked)]
+        index += len(asked)
+        planned = plan_variants(variants, models_dir=mdir, out_dtype=od, seed=spec.seed, known=known, shard_size=run.shard_size)
+        for pv in planned:
+            known.setdefault(pv.content, pv.name)
+        _run_variants(run, pool, planned, done, vbar, sbar)
+        for (trial, _), pv in zip(asked, planned):
+            search.tell(trial, objective_value(spec, run.rows[pv.name]["scores"]))
+
+
+def _top(run: SweepRun, k: int, mdir) -> list:
+    """The best ``k`` distinct scored variants by the search objective, planned again."""
+    if k <= 0:
+        return []
+    from mergeserve.sweep.results import rank
+    from mergeserve.sweep.variants import Variant, plan_variants
+
+    rows = [r for r in rank(list(run.rows.values()), run.spec.search.objective) if not r.get("duplicate_of") and r.get("scores")]
+    if len(rows) < k:
+        raise ConfigError(f"--serve-top {k}: the sweep has only {len(rows)} distinct scored variants")
+    od = None if run.spec.output == "none" else run.spec.output
+    variants = [Variant(r["name"], tuple(r["values"].items()), r["recipe"]) for r in rows[:k]]
+    return plan_variants(variants, models_dir=mdir, out_dtype=od, seed=run.spec.seed, shard_size=run.shard_size)

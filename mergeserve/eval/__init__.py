@@ -1,0 +1,1 @@
+"""Evaluation of merged models: perplexity per token and per byte (transformers or vLLM), lm-eval tasks."""

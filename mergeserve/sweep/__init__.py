@@ -1,0 +1,1 @@
+"""Merge sweeps: many variants of one recipe, merged with shared reads, evaluated and ranked."""

@@ -1,0 +1,93 @@
+"""Serve a sweep's best variants side by side and load-test them into one report.
+
+``mergeserve sweep ... --serve-top K`` ends here: ``mergeserve serve`` (Ray Serve + vLLM) is
+started as a child process on a free local port with the K checkpoints, each under its variant
+name; once every model answers, :func:`mergeserve.loadtest.run_loadtest` drives all of them with
+the same workload, and the server is stopped with SIGTERM (its leftovers killed by PID).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mergeserve.errors import ResourceError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ready(url: str, names: list[str]) -> bool:
+    import httpx
+
+    try:
+        r = httpx.get(url + "/v1/models", timeout=5)
+        return r.status_code == 200 and set(names) <= {m["id"] for m in r.json().get("data", [])}
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def stop(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """SIGTERM, wait, then kill by PID whatever the server started and left running."""
+    try:
+        import psutil
+
+        family = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    except Exception:  # noqa: BLE001 - psutil missing or the process already gone
+        family = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+    for p in family:
+        try:
+            p.kill()
+        except Exception:  # noqa: BLE001 - already exited
+            pass
+
+
+def serve_and_loadtest(
+    checkpoints: dict[str, str], out: Path, *, requests: int = 32, concurrency: int = 8, output_len: int = 32,
+    input_len: int = 64, start_timeout: float = 900, progress: bool = True,
+) -> dict:
+    """Serve ``{name: checkpoint}`` together, load-test every model the same way; returns the report summary."""
+    from mergeserve.loadtest import run_loadtest
+
+    out.mkdir(parents=True, exist_ok=True)
+    port, metrics = _free_port(), _free_port()
+    names = list(checkpoints)
+    cmd = [sys.executable, "-m", "mergeserve.cli", "serve", *checkpoints.values()]
+    for n in names:
+        cmd += ["--name", n]
+    cmd += ["--port", str(port), "--metrics-port", str(metrics)]
+    url = f"http://127.0.0.1:{port}"
+    log = out / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        deadline = time.time() + start_timeout
+        while not _ready(url, names):
+            if proc.poll() is not None:
+                raise ResourceError(f"serving the top variants failed (exit {proc.returncode}); see {log}")
+            if time.time() > deadline:
+                raise ResourceError(f"serving the top variants: not ready after {start_timeout:.0f} s; see {log}")
+            time.sleep(2)
+        report = run_loadtest(
+            url, names, concurrency=concurrency, requests=requests, input_len=input_len, output_len=output_len,
+            out_dir=out, progress=progress,
+        )
+        print(report.table())
+        return {"url": url, "models": checkpoints, "out_dir": str(out), "report": report.to_json()}
+    finally:
+        stop(proc)
