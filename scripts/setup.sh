@@ -25,6 +25,6 @@ if [ "$EXTRA" = cpu ]; then
   $VPIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # Fail here, not in the first test, if the stack does not import.
-.venv/bin/python -c "import mergeserve, torch, safetensors, pydantic, ray, ray.serve, vllm, openai, mergekit"
+.venv/bin/python -c "import mergeserve, torch, safetensors, pydantic, ray, ray.serve, vllm, openai, mergekit, optuna, matplotlib"
 touch "$STAMP"
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
