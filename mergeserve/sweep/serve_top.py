@@ -8,6 +8,7 @@ the same workload, and the server is stopped with SIGTERM (its leftovers killed 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -88,6 +89,6 @@ def serve_and_loadtest(
             out_dir=out, progress=progress,
         )
         print(report.table())
-        return {"url": url, "models": checkpoints, "out_dir": str(out), "report": report.to_json()}
+        return {"url": url, "models": checkpoints, "out_dir": str(out), "report": json.loads(report.to_json())}
     finally:
         stop(proc)
