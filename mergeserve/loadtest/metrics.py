@@ -99,7 +99,7 @@ def parse_slo(text: str | dict | SLO | None) -> SLO | None:
     items = text.items() if isinstance(text, dict) else [p.partition("=")[::2] for p in str(text).split(",") if p.strip()]
     values, problems = {}, []
     for key, raw in items:
-        key = str(key).strip()
+        key = {"e2el": "e2e"}.get(str(key).strip(), str(key).strip())  # vLLM's name for it
         if key not in SLO_KEYS:
             problems.append(f"--slo: unknown objective {key!r} (expected {', '.join(SLO_KEYS)})")
             continue

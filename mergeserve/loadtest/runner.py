@@ -90,6 +90,8 @@ def make_options(url, models, *, api_key=None, concurrency=None, rate=None, pois
         problems.append("with --rate, --concurrency is one cap on requests in flight, not a list")
     if poisson and not rates:
         problems.append("--poisson needs --rate")
+    if any(isinstance(r, (int, float)) and math.isinf(r) for r in rates) and requests is None and not concs:
+        problems.append("--rate inf sends everything at once: bound it with --requests or a --concurrency cap")
     if not (isinstance(burstiness, (int, float)) and 0 < burstiness < math.inf):
         problems.append(f"--burstiness: expected a positive number, got {burstiness!r}")
     if burstiness != 1.0 and not poisson:
@@ -147,18 +149,23 @@ def _tokenizers(models: list[str], tokenizer, problems: list[str]) -> dict[str, 
     return {m: str(toks[i] if len(toks) > 1 else toks[0]) if toks else None for i, m in enumerate(models)}
 
 
-def _workload(o: Options, model: str, listed: dict, cache: dict) -> list[Prompt]:
-    """The run's prompts for ``model``: identical for models that share a tokenizer."""
+def _workload(o: Options, model: str, listed: dict, cache: dict) -> tuple[list[Prompt], list[Prompt]]:
+    """The run's (measured, warm-up) prompts for ``model``: identical for models sharing a tokenizer.
+
+    Warm-up prompts are distinct from the measured ones (where there are enough), so a server's
+    prefix cache does not flatter the first measured requests."""
     n = o.requests or DURATION_POOL
     if o.prompts_file:
-        return pick(jsonl_prompts(o.prompts_file, o.output_len), n, o.seed)
+        ps = pick(jsonl_prompts(o.prompts_file, o.output_len), n + o.warmup, o.seed)
+        return ps[:n], ps[n:]
     tok = o.tokenizers.get(model) or _local_dir(listed.get(model, {}).get("root")) or _local_dir(model)
     if tok is None:
         raise InputError(f"model {model!r}: no local tokenizer to count synthetic prompt tokens with; pass --tokenizer "
                          "CHECKPOINT_DIR (the served model's directory) or use --prompts FILE.jsonl")
     key = str(Path(tok).resolve())
     if key not in cache:
-        cache[key] = synthetic_prompts(load_tokenizer(tok), n, o.input_len, o.output_len, o.seed)
+        ps = synthetic_prompts(load_tokenizer(tok), n + o.warmup, o.input_len, o.output_len, o.seed)
+        cache[key] = ps[:n], ps[n:]
     return cache[key]
 
 
@@ -264,28 +271,43 @@ async def _warmup(client, o: Options, model: str, point: LoadPoint, prompts: lis
             return await http.send(client, o.url, model, prompts[i % len(prompts)], i, api_key=o.api_key, api=o.api,
                                    ignore_eos=o.ignore_eos, timeout=o.timeout)
 
-    recs = await asyncio.gather(*(one(i) for i in range(o.warmup)))
-    return [r.error for r in recs if not r.ok]
+    recs = await _until_stopped(asyncio.gather(*(one(i) for i in range(o.warmup))), stop)
+    return [] if recs is None else [r.error for r in recs if not r.ok]
+
+
+async def _until_stopped(aw, stop: asyncio.Event):
+    """Await ``aw``; if ``stop`` is set first, cancel it and return None."""
+    task, stopper = asyncio.ensure_future(aw), asyncio.ensure_future(stop.wait())
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
 
 
 async def run_async(o: Options, *, progress: bool = True, stop: asyncio.Event | None = None) -> LoadTestReport:
+    """The load test in the running event loop (for callers that are async themselves)."""
     stop = stop or asyncio.Event()
     listed = await http.preflight(o.url, o.models, o.api_key, timeout=min(o.timeout, 10.0))
     cache: dict = {}
     workloads = {m: _workload(o, m, listed, cache) for m in o.models}  # every prompt built before any load
     report = LoadTestReport(config=o.describe())
     width = max((p.max_concurrency or 0) if p.mode == "rate" else int(p.value) for p in o.points)
-    async with http.make_client(max(width, 64 if any(p.mode == "rate" for p in o.points) else width), o.timeout) as client:
+    uncapped = any(p.mode == "rate" and not p.max_concurrency for p in o.points)
+    async with http.make_client(1024 if uncapped else width, o.timeout) as client:
         for k, point in enumerate(o.points):
             for model in o.models:
                 if stop.is_set():
                     break
-                failed = await _warmup(client, o, model, point, workloads[model], stop)
+                measured_prompts, warm_prompts = workloads[model]
+                failed = await _warmup(client, o, model, point, warm_prompts or measured_prompts, stop)
                 if failed and progress:
                     print(f"warm-up of {model}: {len(failed)}/{o.warmup} failed ({', '.join(sorted(set(failed)))})", file=sys.stderr)
                 bar = _Progress(progress, f"{model} @ {point.label}", o)
                 try:
-                    records, dur = await _measure(client, o, model, point, workloads[model], o.seed + k, stop, bar)
+                    records, dur = await _measure(client, o, model, point, measured_prompts, o.seed + k, stop, bar)
                 finally:
                     bar.close()
                 measured = [r for r in records if r.error != "cancelled"]

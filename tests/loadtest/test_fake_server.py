@@ -70,6 +70,7 @@ def test_chat_ttft_waits_for_content_not_the_role_chunk(prompts):
     m = report.metrics("alpha")
     assert m.completed == 4 and m.ttft_ms["p50"] >= 300 and m.output_tokens == 12
     assert len(server.log) == 5  # the warm-up request reached the server but is not in the figures
+    assert server.log[0].prompt not in {s.prompt for s in server.log[1:]}  # and it warmed no measured prompt's cache
 
 
 def test_side_by_side_sweep_with_a_model_that_vanished(prompts, tmp_path):
