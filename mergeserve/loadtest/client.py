@@ -14,8 +14,8 @@ names the kind of failure:
 - ``no_usage``: the stream ended without a usage report (its token counts are unknown);
 - ``cancelled``: the run was interrupted (Ctrl-C) while the request was in flight.
 
-The HTTP client ignores proxy settings from the environment and follows no redirects, so traffic
-goes only to the URL given.
+The HTTP client (aiohttp) ignores proxy settings from the environment and follows no redirects,
+so traffic goes only to the URL given.
 """
 
 from __future__ import annotations
@@ -24,18 +24,20 @@ import asyncio
 import json
 import time
 
-import httpx
+import aiohttp
 
 from mergeserve.errors import EndpointError
 from mergeserve.loadtest.metrics import RequestRecord
 from mergeserve.loadtest.workload import Prompt
 
 
-def make_client(max_connections: int, timeout: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        trust_env=False, follow_redirects=False,
+def make_client(max_connections: int, timeout: float) -> aiohttp.ClientSession:
+    """One HTTP session for a whole load test (aiohttp, as vLLM's benchmark client uses: a light
+    per-chunk cost, so the client's own overhead stays out of the figures on a busy machine)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections),
+        timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0), sock_read=timeout),
+        trust_env=False,  # no proxies from the environment: traffic goes only to the URL given
     )
 
 
@@ -67,35 +69,41 @@ def _content(event: dict, api: str) -> bool:
     return False
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict, hdrs: dict, api: str, rec: RequestRecord) -> None:
+async def _stream(client: aiohttp.ClientSession, url: str, body: dict, hdrs: dict, api: str, rec: RequestRecord) -> None:
     path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
-    async with client.stream("POST", url + path, json=body, headers=hdrs) as r:
-        if r.status_code != 200:
-            text = (await r.aread()).decode(errors="replace")
-            rec.error, rec.detail = f"http_{r.status_code}", _error_message(text) or r.reason_phrase
+    async with client.post(url + path, json=body, headers=hdrs, allow_redirects=False) as r:
+        if r.status != 200:
+            text = (await r.read()).decode(errors="replace")
+            rec.error, rec.detail = f"http_{r.status}", _error_message(text) or (r.reason or "")
             return
-        finished = False
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators, SSE comments / keep-alives
-            data = line[5:].strip()
-            if data == "[DONE]":
-                finished = True
+        buf, finished = b"", False
+        async for data in r.content.iter_any():
+            now = time.perf_counter()  # every event in this read arrived now
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, SSE comments / keep-alives
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    finished = True
+                    break
+                try:
+                    event = json.loads(payload)
+                except json.JSONDecodeError:
+                    rec.error, rec.detail = "bad_response", f"stream event is not JSON: {payload[:120]!r}"
+                    return
+                if "error" in event:
+                    rec.error, rec.detail = "stream_error", _error_message(json.dumps(event)) or payload[:200].decode(errors="replace")
+                    return
+                if _content(event, api):
+                    rec.chunk_times.append(now)
+                if event.get("usage"):
+                    rec.prompt_tokens = event["usage"].get("prompt_tokens")
+                    rec.output_tokens = event["usage"].get("completion_tokens")
+            if finished:
                 break
-            now = time.perf_counter()
-            try:
-                event = json.loads(data)
-            except json.JSONDecodeError:
-                rec.error, rec.detail = "bad_response", f"stream event is not JSON: {data[:120]!r}"
-                return
-            if "error" in event:
-                rec.error, rec.detail = "stream_error", _error_message(json.dumps(event)) or data[:200]
-                return
-            if _content(event, api):
-                rec.chunk_times.append(now)
-            if event.get("usage"):
-                rec.prompt_tokens = event["usage"].get("prompt_tokens")
-                rec.output_tokens = event["usage"].get("completion_tokens")
         if not finished:
             rec.error, rec.detail = "stream_dropped", "the stream ended without data: [DONE]"
         elif rec.output_tokens is None:
@@ -112,7 +120,7 @@ def _error_message(text: str) -> str:
         return text.strip()[:200]
 
 
-async def send(client: httpx.AsyncClient, url: str, model: str, prompt: Prompt, index: int, *, api_key: str | None,
+async def send(client: aiohttp.ClientSession, url: str, model: str, prompt: Prompt, index: int, *, api_key: str | None,
                api: str = "completions", ignore_eos: bool = True, timeout: float = 300.0,
                on_sent=None) -> RequestRecord:
     """Send one streamed request; always returns a record (never raises for a failed request).
@@ -124,15 +132,13 @@ async def send(client: httpx.AsyncClient, url: str, model: str, prompt: Prompt, 
     try:
         body = request_body(model, prompt, api, ignore_eos)
         await asyncio.wait_for(_stream(client, url, body, headers(api_key), api, rec), timeout)
-    except asyncio.TimeoutError:
+    except asyncio.TimeoutError:  # ours, or aiohttp's (a subclass)
         rec.error, rec.detail = "timeout", f"no complete response within {timeout:g} s"
-    except httpx.TimeoutException as e:
-        rec.error, rec.detail = "timeout", f"{type(e).__name__} after {timeout:g} s"
-    except httpx.ConnectError as e:
+    except aiohttp.ClientConnectorError as e:
         rec.error, rec.detail = "connect_error", str(e)[:200] or type(e).__name__
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as e:
         rec.error, rec.detail = "stream_dropped", str(e)[:200] or type(e).__name__
-    except httpx.HTTPError as e:
+    except aiohttp.ClientError as e:
         rec.error, rec.detail = "http_error", f"{type(e).__name__}: {str(e)[:200]}"
     except asyncio.CancelledError:
         rec.error, rec.detail, rec.done = "cancelled", "the run was interrupted", time.perf_counter()
@@ -148,22 +154,23 @@ async def preflight(url: str, models: list[str], api_key: str | None, timeout: f
     Raises EndpointError with one clear message otherwise."""
     async with make_client(2, timeout) as client:
         try:
-            r = await client.get(url + "/v1/models", headers=headers(api_key))
-        except httpx.TimeoutException:
+            async with client.get(url + "/v1/models", headers=headers(api_key), allow_redirects=False) as r:
+                status, reason, text = r.status, r.reason, (await r.read()).decode(errors="replace")
+        except asyncio.TimeoutError:
             raise EndpointError(f"{url}: no answer within {timeout:g} s") from None
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             raise EndpointError(f"{url}: cannot connect ({type(e).__name__}: {str(e)[:160] or 'no detail'})") from None
-    if r.status_code in (401, 403):
-        raise EndpointError(f"{url}: {r.status_code} {r.reason_phrase}: the server refused the API key "
+    if status in (401, 403):
+        raise EndpointError(f"{url}: {status} {reason}: the server refused the API key "
                             f"({'none given: ' if not api_key else ''}pass --api-key or set MERGESERVE_API_KEY)")
-    if r.status_code == 404:
+    if status == 404:
         return {}  # no model listing on this server: unknown models show up as counted errors
-    if r.status_code != 200:
-        raise EndpointError(f"{url}/v1/models: HTTP {r.status_code} {_error_message(r.text)}")
+    if status != 200:
+        raise EndpointError(f"{url}/v1/models: HTTP {status} {_error_message(text)}")
     try:
-        listed = {m["id"]: m for m in r.json()["data"]}
+        listed = {m["id"]: m for m in json.loads(text)["data"]}
     except (ValueError, KeyError, TypeError):
-        raise EndpointError(f"{url}/v1/models: not an OpenAI model list: {r.text[:160]!r}") from None
+        raise EndpointError(f"{url}/v1/models: not an OpenAI model list: {text[:160]!r}") from None
     missing = [m for m in models if m not in listed]
     if missing:
         raise EndpointError(f"{url} does not serve {', '.join(map(repr, missing))} (it serves: {', '.join(sorted(listed)) or 'nothing'})")
