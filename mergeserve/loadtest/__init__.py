@@ -29,6 +29,9 @@ Python API (used by the sweep command to load-test the variants it serves)::
     report.metrics("variant-a").output_throughput   # -> Metrics (see metrics.py)
     report.to_json()
 
+From async code, await ``mergeserve.loadtest.runner.run_async(make_options(url, models, ...))``
+instead (``run_loadtest`` starts its own event loop).
+
 Errors: bad options raise ``ConfigError`` (every problem at once) and a missing tokenizer or
 prompts file ``InputError``, before any request; an endpoint that cannot be reached, refuses the
 API key or does not list a model raises ``EndpointError`` (exit code 5) after one ``/v1/models``

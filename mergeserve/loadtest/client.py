@@ -87,7 +87,7 @@ async def _stream(client: aiohttp.ClientSession, url: str, body: dict, hdrs: dic
                     continue  # blank separators, SSE comments / keep-alives
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
-                    finished = True
+                    finished, rec.done = True, now
                     break
                 try:
                     event = json.loads(payload)
@@ -104,6 +104,11 @@ async def _stream(client: aiohttp.ClientSession, url: str, body: dict, hdrs: dic
                     rec.output_tokens = event["usage"].get("completion_tokens")
             if finished:
                 break
+        if finished:  # read the body to its end, so the connection goes back to the pool for the next request
+            try:
+                await asyncio.wait_for(r.content.read(), 1.0)
+            except (asyncio.TimeoutError, aiohttp.ClientError):
+                pass
         if not finished:
             rec.error, rec.detail = "stream_dropped", "the stream ended without data: [DONE]"
         elif rec.output_tokens is None:
@@ -143,7 +148,8 @@ async def send(client: aiohttp.ClientSession, url: str, model: str, prompt: Prom
     except asyncio.CancelledError:
         rec.error, rec.detail, rec.done = "cancelled", "the run was interrupted", time.perf_counter()
         raise
-    rec.done = time.perf_counter()
+    if rec.done is None:  # a success ends at its [DONE]; a failure when it is known
+        rec.done = time.perf_counter()
     return rec
 
 

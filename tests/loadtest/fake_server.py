@@ -15,7 +15,8 @@ Behaviour (all counters over ``/v1/completions`` and ``/v1/chat/completions`` re
   ``drop_after`` content chunks, without ending the stream;
 - otherwise: an empty role chunk at once (chat) or an empty-text chunk (completions), then
   ``max_tokens`` tokens, ``tokens_per_chunk`` per chunk, the first after ``ttft`` s and the rest
-  ``itl`` s apart, then a usage chunk (prompt tokens = words of the prompt) and ``[DONE]``.
+  ``itl`` s apart, then a usage chunk (prompt tokens = words of the prompt) and ``[DONE]``; the
+  chunked body's end follows 20 ms later.
 
 Every request is recorded (``server.log``): model, outcome, tokens sent, and the time it was
 received and its first content chunk written.
@@ -59,6 +60,7 @@ class FakeOpenAIServer:
 
     def __post_init__(self):
         self.port = 0
+        self.connections = 0  # TCP connections accepted
         self._count = 0
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -107,6 +109,7 @@ class FakeOpenAIServer:
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self._writers.add(writer)
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -188,6 +191,7 @@ class FakeOpenAIServer:
         await event({"choices": [], "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": n,
                                                "total_tokens": len(prompt.split()) + n}})
         await event("[DONE]")
+        await asyncio.sleep(0.02)  # the body's end comes in a later segment, as it may from a real server
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
