@@ -177,11 +177,11 @@ class FakeOpenAIServer:
         await asyncio.sleep(b.ttft)
         while sent < n:
             k = min(b.tokens_per_chunk, n - sent)
+            if rec.first_content is None:
+                rec.first_content = time.perf_counter()  # stamped before the write: the client cannot see it earlier
             await event({"choices": [choice("tok " * k)]})
             sent += k
             rec.tokens = sent
-            if rec.first_content is None:
-                rec.first_content = time.perf_counter()
             if drop and sent >= b.drop_after * b.tokens_per_chunk:
                 rec.outcome = "stream_dropped"
                 writer.transport.abort()  # no terminating chunk: the client sees an incomplete body

@@ -50,7 +50,7 @@ def test_figures_match_what_the_server_did(prompts, tmp_path):
         assert r.prompt_tokens == len(s.prompt.split())
         assert r.sent <= s.received and r.chunk_times[0] >= s.first_content  # TTFT brackets the server's
         assert r.ttft >= b.ttft  # the empty first chunk (no content) did not stop the clock
-    assert 200 <= m.ttft_ms["mean"] < 200 + 150 and 200 <= m.ttft_ms["p50"]
+    assert 200 <= m.ttft_ms["mean"] < 200 + 300 and 200 <= m.ttft_ms["p50"]  # near the server's 200 ms, not 0
     assert m.itl_ms["p50"] >= 9  # 10 ms between content chunks (a gap may shrink by buffering, never the median)
     tpots = [(r.e2e - r.ttft) / 7 * 1000 for r in ok]
     assert m.tpot_ms["mean"] == pytest.approx(sum(tpots) / len(tpots))
