@@ -69,8 +69,14 @@ def synthetic_prompts(tokenizer, n: int, input_len: int, output_len: int, seed: 
     allowed = np.setdiff1d(np.arange(vocab), np.asarray(tokenizer.all_special_ids or [], dtype=int))
     out = []
     for _ in range(n):
-        text, got = _fit_to_length(tokenizer, allowed[rng.integers(0, len(allowed), target)].tolist(), target, rng, allowed)
-        out.append(Prompt(text, output_len, got + special))
+        best = None
+        for _ in range(10):  # a draw whose decode/re-encode will not settle on the length is redrawn
+            text, got = _fit_to_length(tokenizer, allowed[rng.integers(0, len(allowed), target)].tolist(), target, rng, allowed)
+            if best is None or abs(got - target) < abs(best[1] - target):
+                best = (text, got)
+            if got == target:
+                break
+        out.append(Prompt(best[0], output_len, best[1] + special))
     return out
 
 
