@@ -139,13 +139,18 @@ def test_server_dying_mid_run_is_counted(prompts):
     with FakeOpenAIServer(Behaviour(ttft=0.05, itl=0.05)) as server:
         import threading
 
-        threading.Timer(1.0, server.stop).start()
+        def stop_after_four_answers():
+            while sum(s.tokens == 10 for s in server.log) < 4:
+                time.sleep(0.01)
+            server.stop()
+
+        threading.Thread(target=stop_after_four_answers, daemon=True).start()
         t0 = time.perf_counter()
         report = run_loadtest(server.url, "alpha", api_key="fake-key", concurrency=2, requests=40, output_len=10,
                               prompts_file=prompts, warmup=0, timeout=5, progress=False)
         assert time.perf_counter() - t0 < 15
     m = report.metrics("alpha")
-    assert m.requests == 40 and 0 < m.completed < 40
+    assert m.requests == 40 and 2 <= m.completed < 40
     assert set(m.errors) <= {"connect_error", "stream_dropped"} and sum(m.errors.values()) == 40 - m.completed
     served_whole = sum(s.outcome == "ok" and s.tokens == 10 for s in server.log)
     assert served_whole - 2 <= m.completed <= served_whole  # (a stream cut after its last token but before [DONE] fails)
