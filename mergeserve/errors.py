@@ -85,3 +85,11 @@ class UnsupportedError(MergeServeError):
 
     exit_code = 2
     http_status = 422
+
+
+class EndpointError(MergeServeError):
+    """The endpoint under load test cannot be reached, refuses our credentials, or does not serve
+    the model asked for (``mergeserve loadtest``): found before any load is sent."""
+
+    exit_code = 5
+    http_status = 502

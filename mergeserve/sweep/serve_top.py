@@ -86,7 +86,7 @@ def serve_and_loadtest(
             time.sleep(2)
         report = run_loadtest(
             url, names, concurrency=concurrency, requests=requests, input_len=input_len, output_len=output_len,
-            out_dir=out, progress=progress,
+            tokenizer=checkpoints, out_dir=out, progress=progress,
         )
         print(report.table())
         return {"url": url, "models": checkpoints, "out_dir": str(out), "report": json.loads(report.to_json())}

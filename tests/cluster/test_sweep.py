@@ -131,3 +131,28 @@ def test_adaptive_tpe_search(ray_cluster, tiny_dir, tmp_path):
     again = run_sweep(spec, tmp_path / "out2", progress=False)
     assert [r["values"]["t"] for r in sorted(again["results"], key=lambda r: r["name"])] == [
         r["values"]["t"] for r in sorted(rows, key=lambda r: r["name"])]
+
+
+def test_serve_top_serves_and_load_tests_the_winners(ray_cluster, tiny_dir, tmp_path):
+    """The last step of a sweep: the best two variants written, served side by side (Ray Serve +
+    the vLLM CPU engine, in a child process) and load-tested with one workload into one report."""
+    import psutil
+
+    spec = _spec(tmp_path, tiny_dir, recipe={**RECIPE, "parameters": {"t": 0.5}},
+                 axes=[{"path": "parameters.t", "name": "t", "values": [0.0, 0.3, 1.0]}])
+    out = tmp_path / "out"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    summary = run_sweep(spec, out, serve_top=2, progress=False)
+    ranked = [r["name"] for r in summary["results"]][:2]  # best mean perplexity first
+    lt = summary["loadtest"]
+    assert list(lt["models"]) == ranked
+    assert sorted(p.name for p in (out / "variants").iterdir()) == sorted(ranked)  # only the winners written
+    runs = {r["model"]: r for r in lt["report"]["runs"]}
+    assert sorted(runs) == sorted(ranked)
+    for r in runs.values():  # the same workload on both, every request answered in full
+        assert r["requests"] == 32 and r["completed"] == 32 and r["failed"] == 0 and r["output_tokens"] == 32 * 32
+    for f in ("loadtest.json", "loadtest.csv", "serve.log"):
+        assert (out / "loadtest" / f).stat().st_size > 0
+    assert list((out / "loadtest").glob("*.png"))
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not [p for p in left if "serve" in " ".join(p.cmdline())], "the server outlived the sweep"

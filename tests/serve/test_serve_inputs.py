@@ -54,7 +54,7 @@ def test_fp8_serves_on_amx(merged_tiny, tmp_path):
 
     import httpx
 
-    from tests.serve.conftest import free_port, stop_and_reap
+    from tests.serving_fixtures import free_port, stop_and_reap
 
     port = free_port()
     proc = subprocess.Popen(
@@ -86,7 +86,7 @@ def test_sigterm_during_start_up_stops_cleanly(merged_tiny):
 
     import psutil
 
-    from tests.serve.conftest import free_port
+    from tests.serving_fixtures import free_port
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "mergeserve.cli", "serve", str(merged_tiny["bf16"]), "--port", str(free_port()),

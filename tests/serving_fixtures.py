@@ -1,5 +1,7 @@
-"""One real serving application per test session: `mergeserve serve` as a subprocess (Ray Serve +
-the vLLM CPU engine) with two variants: the Marcoro14 tiny merge and one of its parents.
+"""One real serving application per test session, shared by every test package that needs it
+(tests/serve, tests/loadtest; loaded as a plugin by tests/conftest.py): `mergeserve serve` as a
+subprocess (Ray Serve + the vLLM CPU engine) with two variants: the Marcoro14 tiny merge and one of
+its parents.
 
 Teardown sends SIGTERM, as a user's Ctrl-C or a process manager would, and then requires that
 the command exits 0 and that no process it started (Ray, replicas, VLLM::EngineCore) survives.
@@ -20,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
 
 
@@ -58,6 +60,15 @@ def stop_and_reap(proc: subprocess.Popen, timeout: float = 120) -> list[str]:
         except psutil.Error:
             pass
     return left
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the tests that use the served app last (in their collected order), so the app, started
+    once, is not held in memory while the rest of the suite runs."""
+    uses = [i for i in items if "served" in getattr(i, "fixturenames", ())]
+    if uses:
+        rest = [i for i in items if "served" not in getattr(i, "fixturenames", ())]
+        items[:] = rest + uses
 
 
 @pytest.fixture(scope="session")
