@@ -28,34 +28,44 @@ DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def _chunks(v: torch.Tensor) -> list[torch.Tensor]:
-    return [v[start : start + CHUNK] for start in range(0, v.numel(), CHUNK)]
-
-
 def slerp_pair(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Slerp from ``a`` (t=0) to ``b`` (t=1); both of shape ``S``; returns shape ``S``, a's dtype."""
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     tt = torch.tensor(t, dtype=torch.float32).to(dtype=dtype, device=a.device)
-    # Converted chunk by chunk in each pass: the float32 temporaries of a 2**20-element chunk stay
-    # in cache, so this moves less memory than converting whole tensors once.
     va, vb = a.reshape(-1), b.reshape(-1)
-    if va.numel() == 0:
+    n = va.numel()
+    if n == 0:
         return a.clone()
+    spans = [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
     # vector_norm(dtype=...) upcasts inside the reduction: same bits, no float32 copy.
-    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x, dtype=dtype) for x in _chunks(va)]))
-    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(y, dtype=dtype) for y in _chunks(vb)]))
+    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(va[s:e], dtype=dtype) for s, e in spans]))
+    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(vb[s:e], dtype=dtype) for s, e in spans]))
     na = torch.where(na > EPS, na, 1)
     nb = torch.where(nb > EPS, nb, 1)
-    dot = torch.stack([(x.to(dtype) / na * (y.to(dtype) / nb)).sum() for x, y in zip(_chunks(va), _chunks(vb))])
-    dot = dot.sum().clamp(-1, 1)
+    # Each chunk is converted into two reused float32 buffers and every step is done in place:
+    # the same operations, in the same order, as ``(x.to(f32) / na) * (y.to(f32) / nb)`` and
+    # ``ca * x.to(f32) + cb * y.to(f32)`` (so the same bits), without a fresh 4 MB temporary per
+    # step (about 20% faster here). The buffers stay in cache between the steps of a chunk.
+    bx = torch.empty(min(CHUNK, n), dtype=dtype, device=a.device)
+    by = torch.empty(min(CHUNK, n), dtype=dtype, device=a.device)
+    dots = []
+    for s, e in spans:
+        x, y = bx[: e - s], by[: e - s]
+        x.copy_(va[s:e]).div_(na)
+        y.copy_(vb[s:e]).div_(nb)
+        dots.append(x.mul_(y).sum())
+    dot = torch.stack(dots).sum().clamp(-1, 1)
     colinear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(colinear, 0, dot))
     sin_theta = torch.sin(theta)
     ca = torch.where(colinear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     cb = torch.where(colinear, tt, torch.sin(tt * theta) / sin_theta)
     out = torch.empty(va.shape, dtype=a.dtype, device=a.device)
-    for start in range(0, va.numel(), CHUNK):
-        out[start : start + CHUNK] = ca * va[start : start + CHUNK].to(dtype) + cb * vb[start : start + CHUNK].to(dtype)
+    for s, e in spans:
+        x, y = bx[: e - s], by[: e - s]
+        x.copy_(va[s:e]).mul_(ca)
+        y.copy_(vb[s:e]).mul_(cb)
+        out[s:e].copy_(x.add_(y))
     return out.reshape(a.shape)
 
 
