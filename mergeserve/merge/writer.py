@@ -19,6 +19,7 @@ import os
 import queue
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -44,24 +45,14 @@ class ShardWriter:
 
     def __init__(self, path: str | Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
         self.path = Path(path)
-        header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-        offset = 0
-        self._expected: list[tuple[str, str, tuple[int, ...], int]] = []
-        for name, dtype, shape in entries:
-            n = ST_DTYPES[dtype][1]
-            for d in shape:
-                n *= d
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            self._expected.append((name, dtype, tuple(shape), n))
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as the reference writer does
-        self.total_bytes = 8 + len(raw) + offset
+        layout = ShardLayout(entries, metadata)
+        self._expected = [(t.name, t.dtype, t.shape, t.nbytes) for t in layout.tensors]
+        self.total_bytes = layout.total_bytes
         self._next = 0
         self.hashes: dict[str, str] = {}
         self._f = open(self.path, "wb")
         self._error: BaseException | None = None
-        self._write(len(raw).to_bytes(8, "little") + raw)
+        self._write(layout.header)
         # Hashing and writing run on a thread (both release the GIL) so that they overlap the
         # merge of the next tensor; the bounded queue caps memory at a few tensors in flight.
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -72,11 +63,7 @@ class ShardWriter:
         try:
             self._f.write(data)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceError(f"{self.path}: disk full while writing the checkpoint") from None
-            if e.errno == errno.EFBIG:
-                raise ResourceError(f"{self.path}: file size limit reached while writing the checkpoint") from None
-            raise ResourceError(f"{self.path}: write failed: {e.strerror or e}") from None
+            raise write_error(self.path, e) from None
 
     def _drain(self) -> None:
         while True:
@@ -134,6 +121,139 @@ class ShardWriter:
         if not self._f.closed:
             self._f.close()
         self.path.unlink(missing_ok=True)
+
+
+def write_error(path: Path, e: OSError) -> ResourceError:
+    """A failed write of the checkpoint, as the error the user sees."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceError(f"{path}: disk full while writing the checkpoint")
+    if e.errno == errno.EFBIG:
+        return ResourceError(f"{path}: file size limit reached while writing the checkpoint")
+    return ResourceError(f"{path}: write failed: {e.strerror or e}")
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor's bytes go in a shard file (``offset`` is absolute)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+class ShardLayout:
+    """The byte layout of one safetensors file, known before any tensor is computed.
+
+    ``entries``: (name, safetensors dtype code, shape) in file order. ``header`` is the 8-byte
+    length plus the JSON header (padded so that the data section is 8-byte aligned, as the
+    reference writer does); tensor ``i`` occupies ``tensors[i].offset`` .. ``+ nbytes``.
+    """
+
+    def __init__(self, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
+        header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        spans = []
+        for name, dtype, shape in entries:
+            n = ST_DTYPES[dtype][1]
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            spans.append((name, dtype, tuple(shape), offset, n))
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.header = len(raw).to_bytes(8, "little") + raw
+        base = len(self.header)
+        self.tensors = [TensorSlot(name, dtype, shape, base + off, n) for name, dtype, shape, off, n in spans]
+        self.total_bytes = base + offset
+
+
+def create_sized(path: Path, layout: ShardLayout) -> None:
+    """Create ``path`` holding ``layout``'s header, at its full size (the data still sparse), so
+    that several processes can each fill in their own tensors with :class:`SlotWriter`."""
+    try:
+        with open(path, "wb") as f:
+            f.write(layout.header)
+            f.truncate(layout.total_bytes)
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+class SlotWriter:
+    """Fill in some tensors of a file made by :func:`create_sized`, at their planned offsets.
+
+    Like :class:`ShardWriter`, each tensor is hashed (sha256) and written on a thread beside the
+    caller's merge of the next one. Writers in other processes (or on other nodes sharing the
+    filesystem) may fill in other tensors of the same file at the same time: ranges never overlap.
+    """
+
+    def __init__(self, path: str | Path, slots: Sequence[TensorSlot]):
+        self.path = Path(path)
+        self._slots = list(slots)
+        self._next = 0
+        self.hashes: dict[str, str] = {}
+        self._error: BaseException | None = None
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY)
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep consuming so that producers never block on a dead writer
+            slot, data, _keepalive = item
+            try:
+                self.hashes[slot.name] = hashlib.sha256(data).hexdigest()
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(self._fd, data[done:], slot.offset + done)
+            except OSError as e:
+                self._error = write_error(self.path, e)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the producer's thread
+                self._error = e
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue the next tensor (in the order of ``slots``) for hashing and writing."""
+        if self._error is not None:
+            raise self._error
+        slot = self._slots[self._next]
+        if name != slot.name:
+            raise ValueError(f"writer for {self.path.name}: expected tensor {slot.name!r}, got {name!r}")
+        if TORCH_TO_ST.get(tensor.dtype) != slot.dtype or tuple(tensor.shape) != slot.shape:
+            raise ValueError(f"{name}: planned {slot.dtype}{list(slot.shape)}, got {TORCH_TO_ST.get(tensor.dtype)}{list(tensor.shape)}")
+        tensor = tensor.detach().contiguous().cpu()
+        self._queue.put((slot, tensor_bytes(tensor), tensor))
+        self._next += 1
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def close(self) -> dict[str, str]:
+        """Wait for the queued tensors, close the file; returns {name: sha256}."""
+        self._finish()
+        try:
+            if self._error is not None:
+                raise self._error
+            if self._next != len(self._slots):
+                raise ValueError(f"{self.path.name}: closed after {self._next} of {len(self._slots)} tensors")
+        finally:
+            os.close(self._fd)
+        return self.hashes
+
+    def abort(self) -> None:
+        self._finish()
+        os.close(self._fd)
 
 
 class StagingDir:
