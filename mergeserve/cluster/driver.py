@@ -19,11 +19,13 @@ Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
 
 from __future__ import annotations
 
+import inspect
 import os
 import queue
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +53,39 @@ def _probe(address: str, timeout: float = 3.0) -> None:
         raise ClusterError(f"--address {address}: Ray cluster unreachable ({e.strerror or e})") from None
 
 
+@contextmanager
+def _lean_head_node():
+    """While ``ray.init`` starts an embedded cluster: no autoscaler monitor, no log monitor.
+
+    Neither has work here (nothing to autoscale; ``log_to_driver=False``), and on a small machine
+    their start-up competes with the merge: together about 1 CPU-second, and the monitor alone
+    holds ``ray.shutdown`` for 1 s (it outlasts the SIGTERM grace period). ``ray.init`` has no
+    options for them, but the node parameters it builds (``RayParams``) do, so they are set
+    there. If Ray's internals differ, nothing is changed and Ray starts them as usual.
+    """
+    try:
+        from ray._private import parameter
+
+        orig = parameter.RayParams.__init__
+        fields = inspect.signature(orig).parameters
+        if not {"no_monitor", "include_log_monitor"} <= set(fields):
+            raise LookupError
+    except Exception:  # noqa: BLE001 - see above
+        yield
+        return
+
+    def lean(self, *args, **kwargs):
+        kwargs["no_monitor"] = True
+        kwargs["include_log_monitor"] = False
+        orig(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = lean
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = orig
+
+
 def connect(address: str | None) -> bool:
     """Initialise Ray; returns True if this call started a local cluster (to shut it down after)."""
     import ray
@@ -59,10 +94,11 @@ def connect(address: str | None) -> bool:
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address is None:
-        ray.init(  # "local": a new embedded cluster even if RAY_ADDRESS or a running one is found
-            address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-            _node_ip_address="127.0.0.1", configure_logging=False,
-        )
+        with _lean_head_node():
+            ray.init(  # "local": a new embedded cluster even if RAY_ADDRESS or a running one is found
+                address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                _node_ip_address="127.0.0.1", configure_logging=False,
+            )
         return True
     if address != "auto":
         _probe(address)
@@ -71,6 +107,32 @@ def connect(address: str | None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
     return False
+
+
+def shutdown_embedded() -> None:
+    """Stop the embedded cluster this process started, and wait for its processes to exit.
+
+    ``ray.shutdown`` stops the processes one by one, each with SIGTERM and up to 1 s of grace
+    before SIGKILL. The autoscaler monitor does not exit on SIGTERM within that second (measured
+    here: ``ray.shutdown`` 1.4 s, 1.0 s of it waiting on the monitor). :func:`_lean_head_node`
+    normally keeps it from starting; should it run anyway, it gets SIGKILL first (an embedded
+    cluster has nothing for it to scale). ``ray.shutdown`` then stops the rest (raylet and its
+    workers, GCS, dashboard) as usual.
+    """
+    import ray
+
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_constants import PROCESS_TYPE_MONITOR
+
+        node = ray_worker._global_node
+        for info in node.all_processes.get(PROCESS_TYPE_MONITOR, []) if node is not None else []:
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(5)
+    except Exception:  # noqa: BLE001 - Ray's internals moved: ray.shutdown still stops it, only slower
+        pass
+    ray.shutdown()
 
 
 def cluster_workers(requested: int | None) -> tuple[int, dict[str, float], str]:
@@ -161,7 +223,7 @@ def merge_distributed(
             ray.kill(a)
         if own:
             _trace("shutdown")
-            ray.shutdown()
+            shutdown_embedded()
             _trace("shutdown done")
 
 

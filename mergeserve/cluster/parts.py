@@ -27,7 +27,7 @@ from mergeserve.merge.execute import ShardResult, SourceCache, TensorRecord, com
 from mergeserve.merge.plan import MergePlan, ShardTask
 from mergeserve.merge.writer import ShardLayout, SlotWriter, create_sized
 
-PARTS_PER_WORKER = 8
+PARTS_PER_WORKER = 16
 MIN_PART_BYTES = 32 << 20
 
 

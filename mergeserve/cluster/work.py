@@ -17,7 +17,9 @@ from typing import Any, Sequence
 from mergeserve.cluster.parts import Part, PartResult, run_part
 
 
-HELPER_NICE = int(os.environ.get("MERGESERVE_HELPER_NICE", "19"))  # TEMP env
+# Below normal, not idle-only: an idle-only (19) helper starves on a machine shared with other
+# work and its part in progress becomes the tail of the whole merge.
+HELPER_NICE = int(os.environ.get("MERGESERVE_HELPER_NICE", "10"))  # TEMP env
 
 
 class PartQueue:
@@ -55,7 +57,7 @@ class PartQueue:
         left = [threads or os.cpu_count() or 1]
 
         def helper() -> None:
-            # Lowest CPU priority (per thread on Linux, inherited by the writer thread it starts):
+            # Lower CPU priority (per thread on Linux, inherited by the writer thread it starts):
             # the helpers are to use what Ray's start-up leaves idle, not to slow it down.
             try:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HELPER_NICE)
