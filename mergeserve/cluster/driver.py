@@ -55,35 +55,45 @@ def _probe(address: str, timeout: float = 3.0) -> None:
 
 @contextmanager
 def _lean_head_node():
-    """While ``ray.init`` starts an embedded cluster: no autoscaler monitor, no log monitor.
+    """While ``ray.init`` starts an embedded cluster: no autoscaler monitor, no log monitor, no
+    API server.
 
-    Neither has work here (nothing to autoscale; ``log_to_driver=False``), and on a small machine
-    their start-up competes with the merge: together about 1 CPU-second, and the monitor alone
-    holds ``ray.shutdown`` for 1 s (it outlasts the SIGTERM grace period). ``ray.init`` has no
-    options for them, but the node parameters it builds (``RayParams``) do, so they are set
-    there. If Ray's internals differ, nothing is changed and Ray starts them as usual.
+    None has work here: nothing to autoscale; ``log_to_driver=False``; and with
+    ``include_dashboard=False`` the API server process runs only Ray's usage-stats module. On a
+    small machine their start-up competes with the merge (together about 2 CPU-seconds measured
+    here), and the monitor alone held ``ray.shutdown`` for 1 s (it outlasts the SIGTERM grace
+    period). ``ray.init`` has no options for them; the node parameters it builds (``RayParams``)
+    do for the monitors, and the API server is started by one method of the head node. If Ray's
+    internals differ from what is expected here, nothing is changed and Ray starts them as usual.
     """
     try:
-        from ray._private import parameter
+        from ray._private import node, parameter
 
-        orig = parameter.RayParams.__init__
-        fields = inspect.signature(orig).parameters
-        if not {"no_monitor", "include_log_monitor"} <= set(fields):
+        orig_params = parameter.RayParams.__init__
+        orig_api = node.Node.start_api_server
+        if not {"no_monitor", "include_log_monitor"} <= set(inspect.signature(orig_params).parameters):
             raise LookupError
     except Exception:  # noqa: BLE001 - see above
         yield
         return
 
-    def lean(self, *args, **kwargs):
+    def lean_params(self, *args, **kwargs):
         kwargs["no_monitor"] = True
         kwargs["include_log_monitor"] = False
-        orig(self, *args, **kwargs)
+        orig_params(self, *args, **kwargs)
 
-    parameter.RayParams.__init__ = lean
+    def no_api_server(self, *args, **kwargs):
+        if kwargs.get("include_dashboard"):
+            return orig_api(self, *args, **kwargs)
+        return None
+
+    parameter.RayParams.__init__ = lean_params
+    node.Node.start_api_server = no_api_server
     try:
         yield
     finally:
-        parameter.RayParams.__init__ = orig
+        parameter.RayParams.__init__ = orig_params
+        node.Node.start_api_server = orig_api
 
 
 def connect(address: str | None) -> bool:
