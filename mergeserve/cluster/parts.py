@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mergeserve.errors import ResourceError
 from mergeserve.merge.execute import ShardResult, SourceCache, TensorRecord, compute_tensor, peak_rss_bytes
@@ -85,9 +85,15 @@ def prepare_shard(out_dir: str | Path, shard: ShardTask) -> None:
 
 
 def run_part(
-    plan: MergePlan, part: Part, out_dir: str | Path, *, sources: SourceCache, device: str = "cpu", worker: str = "local"
+    plan: MergePlan, part: Part, out_dir: str | Path, *, sources: SourceCache, device: str = "cpu", worker: str = "local",
+    should_stop: Callable[[], bool] | None = None,
 ) -> PartResult:
-    """Merge the tensors of ``part`` and write them into their shard's ``.tmp`` file."""
+    """Merge the tensors of ``part`` and write them into their shard's ``.tmp`` file.
+
+    ``should_stop`` is asked after each tensor: if it says so, the result covers only the tensors
+    done so far (``result.part.stop`` is then smaller than ``part.stop``) and the caller hands the
+    rest to someone else.
+    """
     from mergeserve.merge.execute import _is_oom, tune_malloc
 
     t0 = time.perf_counter()
@@ -98,6 +104,7 @@ def run_part(
     first = sum(len(t.outputs()) for t in shard.tensors[: part.start])
     entries = [e for t in tasks for e in t.outputs()]
     writer = SlotWriter(tmp_path(out_dir, shard.filename), slots[first : first + len(entries)])
+    done = 0
     try:
         with single_threaded_ops():
             for task in tasks:
@@ -110,10 +117,16 @@ def run_part(
                 for name, t in outs:
                     writer.write(name, t)
                 del outs
-        hashes = writer.close()
+                done += 1
+                if should_stop is not None and done < len(tasks) and should_stop():
+                    break
+        hashes = writer.close(partial=True)
     except BaseException:
         writer.abort()
         raise
+    if done < len(tasks):
+        part = Part(part.shard, part.start, part.start + done, sum(t.bytes_out for t in tasks[:done]))
+        entries = [e for t in tasks[:done] for e in t.outputs()]
     records = tuple(TensorRecord(n, tuple(s), d, hashes[n]) for n, d, s in entries)
     return PartResult(part, records, time.perf_counter() - t0, peak_rss_bytes(), worker)
 
@@ -151,9 +164,9 @@ class ShardAssembler:
     def __init__(self, plan: MergePlan, parts: Sequence[Part], out_dir: str | Path):
         self.plan = plan
         self.out_dir = Path(out_dir)
-        self._missing = {}
+        self._missing: dict[int, set[int]] = {}  # shard -> indices of tensors not merged yet
         for p in parts:
-            self._missing.setdefault(p.shard, set()).add((p.start, p.stop))
+            self._missing.setdefault(p.shard, set()).update(range(p.start, p.stop))
         self._got: dict[int, list[PartResult]] = {}
         self.results: list[ShardResult] = []
 
@@ -161,9 +174,9 @@ class ShardAssembler:
         """Record ``res``; returns the shard's ShardResult if this was its last part."""
         p = res.part
         missing = self._missing[p.shard]
-        if (p.start, p.stop) not in missing:
-            return None  # a duplicate (cannot happen with one dispatch per part; harmless anyway)
-        missing.discard((p.start, p.stop))
+        if not missing.issuperset(range(p.start, p.stop)):
+            raise RuntimeError(f"part {p} reported twice")  # a bug in the dispatcher, not user input
+        missing.difference_update(range(p.start, p.stop))
         self._got.setdefault(p.shard, []).append(res)
         if missing:
             return None

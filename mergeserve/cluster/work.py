@@ -3,7 +3,9 @@
 With an embedded Ray (no ``--address``), ``ray.init`` and the actors' start-up (each imports
 torch) take seconds on a small machine. The driver has planned and imported the engine by then,
 so helper threads in the driver merge parts from the same queue meanwhile; once every actor is
-ready the helpers take no new parts and the actors do the rest. Results of both kinds reach the
+ready the helpers stop at the next tensor and the actors do the rest. (The helpers run at normal
+priority: on a machine shared with other work, a lower-priority helper starved and its tensor in
+progress became the tail of the whole merge, measured here.) Results of both kinds reach the
 dispatcher (on the main thread) as events, so shard completion and errors are handled in one place.
 """
 
@@ -12,14 +14,10 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections import deque
 from typing import Any, Sequence
 
 from mergeserve.cluster.parts import Part, PartResult, run_part
-
-
-# Below normal, not idle-only: an idle-only (19) helper starves on a machine shared with other
-# work and its part in progress becomes the tail of the whole merge.
-HELPER_NICE = int(os.environ.get("MERGESERVE_HELPER_NICE", "10"))  # TEMP env
 
 
 class PartQueue:
@@ -27,27 +25,28 @@ class PartQueue:
 
     def __init__(self, parts: Sequence[Part]):
         self.parts = list(parts)
-        self._next = 0
+        self._queue = deque(self.parts)
         self._lock = threading.Lock()
         self._local_open = True
         self._helpers: list[threading.Thread] = []
         self.events: queue.Queue = queue.Queue()  # (Part, PartResult | BaseException) from helpers
-        self.local_parts = 0
 
     def take(self) -> Part | None:
         with self._lock:
-            if self._next >= len(self.parts):
-                return None
-            self._next += 1
-            return self.parts[self._next - 1]
+            return self._queue.popleft() if self._queue else None
 
     def _take_local(self) -> Part | None:
         with self._lock:
-            if not self._local_open or self._next >= len(self.parts):
+            if not self._local_open or not self._queue:
                 return None
-            self._next += 1
-            self.local_parts += 1
-            return self.parts[self._next - 1]
+            return self._queue.popleft()
+
+    def _stopped(self) -> bool:
+        return not self._local_open
+
+    def _give_back(self, part: Part) -> None:
+        with self._lock:
+            self._queue.appendleft(part)
 
     def start_helpers(self, plan: Any, out_dir: str, threads: int | None = None) -> None:
         """Merge parts on ``threads`` driver threads (default: one per CPU) until :meth:`stop_helpers`."""
@@ -57,18 +56,18 @@ class PartQueue:
         left = [threads or os.cpu_count() or 1]
 
         def helper() -> None:
-            # Lower CPU priority (per thread on Linux, inherited by the writer thread it starts):
-            # the helpers are to use what Ray's start-up leaves idle, not to slow it down.
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HELPER_NICE)
-            except (AttributeError, OSError):
-                pass
             try:
                 while (part := self._take_local()) is not None:
                     try:
-                        res: PartResult | BaseException = run_part(plan, part, out_dir, sources=sources, worker="driver")
+                        res: PartResult | BaseException = run_part(
+                            plan, part, out_dir, sources=sources, worker="driver", should_stop=self._stopped
+                        )
                     except BaseException as e:  # noqa: BLE001 - handed to the dispatcher
                         res = e
+                    if isinstance(res, PartResult) and res.part.stop < part.stop:
+                        # Stopped between tensors: the actors are up and take the rest (at our
+                        # lower priority the rest of the part would otherwise be the merge's tail).
+                        self._give_back(Part(part.shard, res.part.stop, part.stop, part.bytes_written - res.part.bytes_written))
                     self.events.put((part, res))
                     if isinstance(res, BaseException):
                         return

@@ -239,13 +239,14 @@ class SlotWriter:
             self._queue.put(None)
             self._thread.join()
 
-    def close(self) -> dict[str, str]:
-        """Wait for the queued tensors, close the file; returns {name: sha256}."""
+    def close(self, partial: bool = False) -> dict[str, str]:
+        """Wait for the queued tensors, close the file; returns {name: sha256}. With ``partial``,
+        the writer may have been given only the first of its slots' tensors."""
         self._finish()
         try:
             if self._error is not None:
                 raise self._error
-            if self._next != len(self._slots):
+            if self._next != len(self._slots) and not partial:
                 raise ValueError(f"{self.path.name}: closed after {self._next} of {len(self._slots)} tensors")
         finally:
             os.close(self._fd)
