@@ -212,9 +212,7 @@ def merge_distributed(
         if address is None and not ray.is_initialized():
             embedded.set()
         decided.set()
-        _trace("connect")
         own = connect(address)
-        _trace("connected")
         # Start the actors now: their imports overlap the rest of the planning.
         n, resources, dev = cluster_workers(workers)
         from mergeserve.cluster.actors import MergeWorker
@@ -236,19 +234,7 @@ def merge_distributed(
         for a in actors:
             ray.kill(a)
         if own:
-            _trace("shutdown")
             shutdown_embedded()
-            _trace("shutdown done")
-
-
-_T0 = time.perf_counter()
-
-
-def _trace(msg: str) -> None:  # TEMP
-    if os.environ.get("MERGESERVE_TRACE"):
-        import sys
-
-        print(f"[{time.perf_counter() - _T0:6.2f}] {msg}", file=sys.stderr, flush=True)
 
 
 def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overwrite, plan_kw) -> dict:
@@ -275,7 +261,6 @@ def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overw
     for s in todo:
         prepare_shard(stage.path, s)
     parts = split_parts(todo, max(workers or 0, os.cpu_count() or 1))
-    _trace("prepared")
     return {"cfg": cfg, "text": text, "plan": plan, "stage": stage, "done": done, "work": PartQueue(parts), "resume": resume}
 
 
@@ -346,7 +331,6 @@ def _dispatch(plan, work, actors, out_dir: str, bar) -> tuple[list, list]:
     running, parts = {}, []
 
     def finished(res) -> None:
-        _trace(f"part {res.part.shard}:{res.part.start}-{res.part.stop} by {res.worker} {res.seconds:.2f}s")
         parts.append(res)
         bar.update(res.part.bytes_written)
         asm.add(res)
@@ -380,7 +364,6 @@ def _dispatch(plan, work, actors, out_dir: str, bar) -> tuple[list, list]:
                 except Exception as e:  # noqa: BLE001 - mapped to our error types
                     raise _map_ray_error(e, "(none yet: the merge worker failed to start)") from None
                 idle.append(actor)
-                _trace("actor ready")
                 if not starting:
                     work.stop_helpers()  # every actor is up: they take the remaining parts
                 continue

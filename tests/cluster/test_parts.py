@@ -57,3 +57,25 @@ def test_shard_from_parts_in_reverse_order_equals_single_process(random_models, 
         record = json.loads(result_path(out, s.filename).read_text())
         want = {r.name: r.sha256 for r in next(x for x in reference.shards if x.index == s.index).tensors}
         assert {t["name"]: t["sha256"] for t in record["tensors"]} == want
+
+
+def test_part_stopped_between_tensors_hands_back_the_rest(random_models, tmp_path):
+    """What a driver helper does once the actors are up: stop after the tensor in progress; the
+    rest of its part, merged by another worker, completes a file equal to the reference."""
+    from mergeserve.cluster.parts import Part
+
+    kw = dict(models_dir=random_models["root"], out_shard_size="100M")
+    reference = merge(SLERP, tmp_path / "ref", progress=False, **kw)
+    _, _, plan = plan_merge(SLERP, **kw)
+    (shard,) = plan.shards
+    out = tmp_path / "parts"
+    out.mkdir()
+    prepare_shard(out, shard)
+    whole = Part(shard.index, 0, len(shard.tensors), shard.bytes_written)
+    asm = ShardAssembler(plan, [whole], out)
+    first = run_part(plan, whole, out, sources=SourceCache(plan.models), should_stop=lambda: True)
+    assert (first.part.start, first.part.stop) == (0, 1) and len(first.tensors) == 1
+    assert asm.add(first) is None and not asm.done
+    rest = Part(shard.index, 1, whole.stop, whole.bytes_written - first.part.bytes_written)
+    assert asm.add(run_part(plan, rest, out, sources=SourceCache(plan.models))) is not None
+    assert (out / shard.filename).read_bytes() == (reference.out_dir / shard.filename).read_bytes()
