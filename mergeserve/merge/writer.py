@@ -12,9 +12,11 @@ nothing at the destination (the partial directory is removed, or kept for ``--re
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import queue
 import shutil
@@ -181,15 +183,33 @@ def create_sized(path: Path, layout: ShardLayout) -> None:
         raise write_error(path, e) from None
 
 
+DIRECT_BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and buffers (covers 512-byte devices)
+DIRECT_CHUNK = 8 << 20
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
 class SlotWriter:
     """Fill in some tensors of a file made by :func:`create_sized`, at their planned offsets.
 
     Like :class:`ShardWriter`, each tensor is hashed (sha256) and written on a thread beside the
     caller's merge of the next one. Writers in other processes (or on other nodes sharing the
     filesystem) may fill in other tensors of the same file at the same time: ranges never overlap.
+
+    The 4 KiB-aligned interior of each tensor is written with ``O_DIRECT`` (through an aligned
+    bounce buffer), the unaligned ends (and everything, where the filesystem refuses
+    ``O_DIRECT``, e.g. tmpfs) through the page cache. Measured here, a buffered write of 2.2 GB
+    costs about 4 CPU-seconds in the kernel (filling fresh page-cache pages) against 0.3-0.5 for
+    the same bytes written direct; on a 2-core machine that is a large share of a merge. Pages
+    shared by two tensors are only ever written buffered, so writers never mix the two paths on
+    one page.
     """
 
-    def __init__(self, path: str | Path, slots: Sequence[TensorSlot]):
+    def __init__(self, path: str | Path, slots: Sequence[TensorSlot], *, direct: bool = True):
         self.path = Path(path)
         self._slots = list(slots)
         self._next = 0
@@ -199,9 +219,42 @@ class SlotWriter:
             self._fd = os.open(self.path, os.O_WRONLY)
         except OSError as e:
             raise write_error(self.path, e) from None
+        self._dfd: int | None = None
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+                self._bounce = mmap.mmap(-1, DIRECT_CHUNK)  # anonymous maps are page-aligned
+                self._bounce_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._bounce))
+            except OSError:
+                self._dfd = None
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
         self._thread.start()
+
+    def _write_direct(self, data: memoryview, src_addr: int, offset: int) -> None:
+        """Write ``data`` (at address ``src_addr``) at ``offset``: aligned interior direct, ends buffered."""
+        end = offset + len(data)
+        a = -(-offset // DIRECT_BLOCK) * DIRECT_BLOCK
+        b = end // DIRECT_BLOCK * DIRECT_BLOCK
+        if self._dfd is None or b - a < DIRECT_BLOCK:
+            _pwrite_all(self._fd, data, offset)
+            return
+        _pwrite_all(self._fd, data[: a - offset], offset)
+        _pwrite_all(self._fd, data[b - offset :], b)
+        view = memoryview(self._bounce)
+        for start in range(a, b, DIRECT_CHUNK):
+            n = min(DIRECT_CHUNK, b - start)
+            ctypes.memmove(self._bounce_addr, src_addr + (start - offset), n)  # releases the GIL
+            try:
+                _pwrite_all(self._dfd, view[:n], start)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # The device wants another alignment: the rest goes through the page cache.
+                os.close(self._dfd)
+                self._dfd = None
+                _pwrite_all(self._fd, data[start - offset : b - offset], start)
+                return
 
     def _drain(self) -> None:
         while True:
@@ -210,16 +263,20 @@ class SlotWriter:
                 return
             if self._error is not None:
                 continue  # keep consuming so that producers never block on a dead writer
-            slot, data, _keepalive = item
+            slot, data, keepalive = item
             try:
                 self.hashes[slot.name] = hashlib.sha256(data).hexdigest()
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(self._fd, data[done:], slot.offset + done)
+                self._write_direct(data, keepalive.data_ptr(), slot.offset)
             except OSError as e:
                 self._error = write_error(self.path, e)
             except BaseException as e:  # noqa: BLE001 - re-raised on the producer's thread
                 self._error = e
+
+    def _close_fds(self) -> None:
+        os.close(self._fd)
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Queue the next tensor (in the order of ``slots``) for hashing and writing."""
@@ -249,12 +306,12 @@ class SlotWriter:
             if self._next != len(self._slots) and not partial:
                 raise ValueError(f"{self.path.name}: closed after {self._next} of {len(self._slots)} tensors")
         finally:
-            os.close(self._fd)
+            self._close_fds()
         return self.hashes
 
     def abort(self) -> None:
         self._finish()
-        os.close(self._fd)
+        self._close_fds()
 
 
 class StagingDir:
