@@ -14,7 +14,10 @@ layers of the shape.
 
 Sides: mergekit (mergekit-yaml), mergeserve-local (one process, no Ray), mergeserve-ray (local
 Ray, default workers), mergeserve-ray-1w / -2w (1 / 2 workers), mergeserve-ray-fp8 (FP8 out),
-io-floor (read both inputs with cat, write an output of the same size with cp).
+io-floor (read both inputs with cat, write an output of the same size with cp). For the Ray
+sides, "merged by Ray actors" is the share of the output the actors merged; the driver merges
+the rest on its own threads while Ray starts. Run with PYTHONPATH=<repo> to measure a checkout
+other than the one installed in the venv (the sides run the venv's `mergeserve` script).
 """
 
 from __future__ import annotations
@@ -80,8 +83,9 @@ def tree_rss(p: psutil.Process) -> int:
     return total
 
 
-def run_one(cmd: list[str], out: Path) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS of the process tree, peak RSS of one merge worker as reported)."""
+def run_one(cmd: list[str], out: Path) -> tuple[float, int, int, float | None]:
+    """(wall seconds, peak RSS of the process tree, peak RSS of one merge worker as reported,
+    share of the output merged by Ray actors rather than by the driver while Ray started)."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0")
     t0 = time.perf_counter()
@@ -97,8 +101,12 @@ def run_one(cmd: list[str], out: Path) -> tuple[float, int, int]:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
     shutil.rmtree(out, ignore_errors=True)
     # mergeserve's summary: "peak memory: worker NAME X.XX GiB" per Ray worker
-    workers = [float(m) for m in re.findall(r"peak memory: worker \S+ ([0-9.]+) GiB", proc.stdout.read().decode(errors="replace"))]
-    return wall, peak, int(max(workers, default=0) * 2**30)
+    text = proc.stdout.read().decode(errors="replace")
+    workers = [float(m) for m in re.findall(r"peak memory: worker \S+ ([0-9.]+) GiB", text)]
+    wrote = re.search(r"wrote ([0-9.]+) GB", text)
+    local = re.search(r"the driver merged \d+ \(([0-9.]+) GB\)", text)
+    share = 1 - float(local[1]) / float(wrote[1]) if wrote and local and float(wrote[1]) else None
+    return wall, peak, int(max(workers, default=0) * 2**30), share
 
 
 def warm(*dirs: Path) -> None:
@@ -135,25 +143,30 @@ def main() -> None:
     times: dict[str, list[float]] = {s: [] for s in sides}
     rss: dict[str, list[int]] = {s: [] for s in sides}
     wrss: dict[str, list[int]] = {s: [] for s in sides}
+    share: dict[str, list[float]] = {s: [] for s in sides}
     for r in range(a.rounds):
         for s in sides:
             warm(ma, mb)
-            w, p, wp = run_one(command(s, cfg, ma, mb, out, a.shard), out)
+            w, p, wp, sh = run_one(command(s, cfg, ma, mb, out, a.shard), out)
             times[s].append(w)
             rss[s].append(p)
             wrss[s].append(wp)
+            if sh is not None:
+                share[s].append(sh)
             extra = f"  peak worker RSS {wp / 2**30:5.2f} GiB" if wp else ""
+            extra += f"  merged by Ray actors {sh:4.0%}" if sh is not None else ""
             print(f"round {r + 1}/{a.rounds} {s:22s} {w:7.2f} s  peak tree RSS {p / 2**30:6.2f} GiB{extra}", flush=True)
     res = {
         "shape": a.shape, "rounds": a.rounds, "cpus": os.cpu_count(),
         "sides": {s: {"times": times[s], "peak_rss": rss[s], "median_s": statistics.median(times[s]),
                       "median_peak_rss_gib": statistics.median(rss[s]) / 2**30,
-                      "median_peak_worker_rss_gib": statistics.median(wrss[s]) / 2**30} for s in sides},
+                      "median_peak_worker_rss_gib": statistics.median(wrss[s]) / 2**30,
+                      "ray_actor_share": share[s] or None} for s in sides},
     }
     ref = res["sides"].get("mergekit")
     floor = res["sides"].get("io-floor")
-    lines = [f"| side ({a.shape}, median of {a.rounds}) | wall s | peak tree RSS GiB | peak worker RSS GiB | speed-up vs mergekit | RSS vs mergekit | x I/O floor |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"| side ({a.shape}, median of {a.rounds}) | wall s | peak tree RSS GiB | peak worker RSS GiB | speed-up vs mergekit | RSS vs mergekit | x I/O floor | merged by Ray actors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in sides:
         d = res["sides"][s]
         sp = f"{ref['median_s'] / d['median_s']:.2f}x" if ref else "-"
@@ -161,7 +174,8 @@ def main() -> None:
         fl = f"{d['median_s'] / floor['median_s']:.2f}" if floor else "-"
         rss_txt = "n/a" if s == "io-floor" else f"{d['median_peak_rss_gib']:.2f}"
         wk = f"{d['median_peak_worker_rss_gib']:.2f}" if d["median_peak_worker_rss_gib"] else "-"
-        lines.append(f"| {s} | {d['median_s']:.2f} | {rss_txt} | {wk} | {sp} | {rr} | {fl} |")
+        ra = f"{statistics.median(d['ray_actor_share']):.0%}" if d["ray_actor_share"] else "-"
+        lines.append(f"| {s} | {d['median_s']:.2f} | {rss_txt} | {wk} | {sp} | {rr} | {fl} | {ra} |")
     table = "\n".join(lines)
     print(table)
     outdir = Path(a.out)

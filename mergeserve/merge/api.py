@@ -79,6 +79,9 @@ class MergeResult:
     peak_rss: int
     workers: dict[str, int] = field(default_factory=dict)  # worker -> peak RSS bytes
     resumed: int = 0  # shards reused (checksums verified) from an interrupted run
+    parts: int = 0  # distributed: units of work (runs of tensors) the shards were cut into
+    driver_parts: int = 0  # distributed: parts the driver merged itself while Ray started
+    driver_bytes: int = 0
 
     @property
     def gb_per_s(self) -> float:
@@ -94,6 +97,11 @@ class MergeResult:
         ]
         for w, rss in sorted(self.workers.items()):
             lines.append(f"  peak memory: worker {w} {rss / 2**30:.2f} GiB")
+        if self.parts:
+            lines.append(
+                f"  parts: {self.parts}, of which the driver merged {self.driver_parts} "
+                f"({self.driver_bytes / 1e9:.2f} GB) while the Ray workers started"
+            )
         if self.resumed:
             lines.append(f"  resumed: reused {self.resumed} verified shard(s), merged {len(self.shards) - self.resumed}")
         return "\n".join(lines)

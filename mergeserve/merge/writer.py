@@ -12,13 +12,16 @@ nothing at the destination (the partial directory is removed, or kept for ``--re
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import queue
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -44,24 +47,14 @@ class ShardWriter:
 
     def __init__(self, path: str | Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
         self.path = Path(path)
-        header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-        offset = 0
-        self._expected: list[tuple[str, str, tuple[int, ...], int]] = []
-        for name, dtype, shape in entries:
-            n = ST_DTYPES[dtype][1]
-            for d in shape:
-                n *= d
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            self._expected.append((name, dtype, tuple(shape), n))
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as the reference writer does
-        self.total_bytes = 8 + len(raw) + offset
+        layout = ShardLayout(entries, metadata)
+        self._expected = [(t.name, t.dtype, t.shape, t.nbytes) for t in layout.tensors]
+        self.total_bytes = layout.total_bytes
         self._next = 0
         self.hashes: dict[str, str] = {}
         self._f = open(self.path, "wb")
         self._error: BaseException | None = None
-        self._write(len(raw).to_bytes(8, "little") + raw)
+        self._write(layout.header)
         # Hashing and writing run on a thread (both release the GIL) so that they overlap the
         # merge of the next tensor; the bounded queue caps memory at a few tensors in flight.
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -72,11 +65,7 @@ class ShardWriter:
         try:
             self._f.write(data)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceError(f"{self.path}: disk full while writing the checkpoint") from None
-            if e.errno == errno.EFBIG:
-                raise ResourceError(f"{self.path}: file size limit reached while writing the checkpoint") from None
-            raise ResourceError(f"{self.path}: write failed: {e.strerror or e}") from None
+            raise write_error(self.path, e) from None
 
     def _drain(self) -> None:
         while True:
@@ -134,6 +123,195 @@ class ShardWriter:
         if not self._f.closed:
             self._f.close()
         self.path.unlink(missing_ok=True)
+
+
+def write_error(path: Path, e: OSError) -> ResourceError:
+    """A failed write of the checkpoint, as the error the user sees."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceError(f"{path}: disk full while writing the checkpoint")
+    if e.errno == errno.EFBIG:
+        return ResourceError(f"{path}: file size limit reached while writing the checkpoint")
+    return ResourceError(f"{path}: write failed: {e.strerror or e}")
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor's bytes go in a shard file (``offset`` is absolute)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+class ShardLayout:
+    """The byte layout of one safetensors file, known before any tensor is computed.
+
+    ``entries``: (name, safetensors dtype code, shape) in file order. ``header`` is the 8-byte
+    length plus the JSON header (padded so that the data section is 8-byte aligned, as the
+    reference writer does); tensor ``i`` occupies ``tensors[i].offset`` .. ``+ nbytes``.
+    """
+
+    def __init__(self, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
+        header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        spans = []
+        for name, dtype, shape in entries:
+            n = ST_DTYPES[dtype][1]
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            spans.append((name, dtype, tuple(shape), offset, n))
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.header = len(raw).to_bytes(8, "little") + raw
+        base = len(self.header)
+        self.tensors = [TensorSlot(name, dtype, shape, base + off, n) for name, dtype, shape, off, n in spans]
+        self.total_bytes = base + offset
+
+
+def create_sized(path: Path, layout: ShardLayout) -> None:
+    """Create ``path`` holding ``layout``'s header, at its full size (the data still sparse), so
+    that several processes can each fill in their own tensors with :class:`SlotWriter`."""
+    try:
+        with open(path, "wb") as f:
+            f.write(layout.header)
+            f.truncate(layout.total_bytes)
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+DIRECT_BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and buffers (covers 512-byte devices)
+DIRECT_CHUNK = 8 << 20
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+class SlotWriter:
+    """Fill in some tensors of a file made by :func:`create_sized`, at their planned offsets.
+
+    Like :class:`ShardWriter`, each tensor is hashed (sha256) and written on a thread beside the
+    caller's merge of the next one. Writers in other processes (or on other nodes sharing the
+    filesystem) may fill in other tensors of the same file at the same time: ranges never overlap.
+
+    The 4 KiB-aligned interior of each tensor is written with ``O_DIRECT`` (through an aligned
+    bounce buffer), the unaligned ends (and everything, where the filesystem refuses
+    ``O_DIRECT``, e.g. tmpfs) through the page cache. Measured here, a buffered write of 2.2 GB
+    costs about 4 CPU-seconds in the kernel (filling fresh page-cache pages) against 0.3-0.5 for
+    the same bytes written direct; on a 2-core machine that is a large share of a merge. Pages
+    shared by two tensors are only ever written buffered, so writers never mix the two paths on
+    one page.
+    """
+
+    def __init__(self, path: str | Path, slots: Sequence[TensorSlot], *, direct: bool = True):
+        self.path = Path(path)
+        self._slots = list(slots)
+        self._next = 0
+        self.hashes: dict[str, str] = {}
+        self._error: BaseException | None = None
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY)
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        self._dfd: int | None = None
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+                self._bounce = mmap.mmap(-1, DIRECT_CHUNK)  # anonymous maps are page-aligned
+                self._bounce_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._bounce))
+            except OSError:
+                self._dfd = None
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def _write_direct(self, data: memoryview, src_addr: int, offset: int) -> None:
+        """Write ``data`` (at address ``src_addr``) at ``offset``: aligned interior direct, ends buffered."""
+        end = offset + len(data)
+        a = -(-offset // DIRECT_BLOCK) * DIRECT_BLOCK
+        b = end // DIRECT_BLOCK * DIRECT_BLOCK
+        if self._dfd is None or b - a < DIRECT_BLOCK:
+            _pwrite_all(self._fd, data, offset)
+            return
+        _pwrite_all(self._fd, data[: a - offset], offset)
+        _pwrite_all(self._fd, data[b - offset :], b)
+        view = memoryview(self._bounce)
+        for start in range(a, b, DIRECT_CHUNK):
+            n = min(DIRECT_CHUNK, b - start)
+            ctypes.memmove(self._bounce_addr, src_addr + (start - offset), n)  # releases the GIL
+            try:
+                _pwrite_all(self._dfd, view[:n], start)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # The device wants another alignment: the rest goes through the page cache.
+                os.close(self._dfd)
+                self._dfd = None
+                _pwrite_all(self._fd, data[start - offset : b - offset], start)
+                return
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep consuming so that producers never block on a dead writer
+            slot, data, keepalive = item
+            try:
+                self.hashes[slot.name] = hashlib.sha256(data).hexdigest()
+                self._write_direct(data, keepalive.data_ptr(), slot.offset)
+            except OSError as e:
+                self._error = write_error(self.path, e)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the producer's thread
+                self._error = e
+
+    def _close_fds(self) -> None:
+        os.close(self._fd)
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue the next tensor (in the order of ``slots``) for hashing and writing."""
+        if self._error is not None:
+            raise self._error
+        slot = self._slots[self._next]
+        if name != slot.name:
+            raise ValueError(f"writer for {self.path.name}: expected tensor {slot.name!r}, got {name!r}")
+        if TORCH_TO_ST.get(tensor.dtype) != slot.dtype or tuple(tensor.shape) != slot.shape:
+            raise ValueError(f"{name}: planned {slot.dtype}{list(slot.shape)}, got {TORCH_TO_ST.get(tensor.dtype)}{list(tensor.shape)}")
+        tensor = tensor.detach().contiguous().cpu()
+        self._queue.put((slot, tensor_bytes(tensor), tensor))
+        self._next += 1
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def close(self, partial: bool = False) -> dict[str, str]:
+        """Wait for the queued tensors, close the file; returns {name: sha256}. With ``partial``,
+        the writer may have been given only the first of its slots' tensors."""
+        self._finish()
+        try:
+            if self._error is not None:
+                raise self._error
+            if self._next != len(self._slots) and not partial:
+                raise ValueError(f"{self.path.name}: closed after {self._next} of {len(self._slots)} tensors")
+        finally:
+            self._close_fds()
+        return self.hashes
+
+    def abort(self) -> None:
+        self._finish()
+        self._close_fds()
 
 
 class StagingDir:

@@ -28,22 +28,33 @@ DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def _chunks(v: torch.Tensor) -> list[torch.Tensor]:
-    return [v[start : start + CHUNK] for start in range(0, v.numel(), CHUNK)]
+def _spans(n: int) -> list[tuple[int, int]]:
+    return [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
 
 
-def _geometry(va: torch.Tensor, vb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _geometry(va: torch.Tensor, vb: torch.Tensor, dtype: torch.dtype, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
     """The clamped cosine between two flat vectors, accumulated per chunk as mergekit does."""
+    spans = _spans(va.numel())
     # vector_norm(dtype=...) upcasts inside the reduction: same bits, no float32 copy.
-    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x, dtype=dtype) for x in _chunks(va)]))
-    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(y, dtype=dtype) for y in _chunks(vb)]))
+    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(va[s:e], dtype=dtype) for s, e in spans]))
+    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(vb[s:e], dtype=dtype) for s, e in spans]))
     na = torch.where(na > EPS, na, 1)
     nb = torch.where(nb > EPS, nb, 1)
-    dot = torch.stack([(x.to(dtype) / na * (y.to(dtype) / nb)).sum() for x, y in zip(_chunks(va), _chunks(vb))])
-    return dot.sum().clamp(-1, 1)
+    # Each chunk is converted into two reused float32 buffers and every step is done in place:
+    # the same operations, in the same order, as ``(x.to(f32) / na) * (y.to(f32) / nb)`` (so the
+    # same bits), without a fresh 4 MB temporary per step. The buffers stay in cache.
+    dots = []
+    for s, e in spans:
+        x, y = bx[: e - s], by[: e - s]
+        x.copy_(va[s:e]).div_(na)
+        y.copy_(vb[s:e]).div_(nb)
+        dots.append(x.mul_(y).sum())
+    return torch.stack(dots).sum().clamp(-1, 1)
 
 
-def _apply(t: float, dot: torch.Tensor, a: torch.Tensor, va: torch.Tensor, vb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _apply(t: float, dot: torch.Tensor, a: torch.Tensor, va: torch.Tensor, vb: torch.Tensor, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+    """``ca * a + cb * b`` in ``bx.dtype``, chunk by chunk in place, cast to a's dtype and shape."""
+    dtype = bx.dtype
     tt = torch.tensor(t, dtype=torch.float32).to(dtype=dtype, device=a.device)
     colinear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(colinear, 0, dot))
@@ -51,10 +62,11 @@ def _apply(t: float, dot: torch.Tensor, a: torch.Tensor, va: torch.Tensor, vb: t
     ca = torch.where(colinear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     cb = torch.where(colinear, tt, torch.sin(tt * theta) / sin_theta)
     out = torch.empty(va.shape, dtype=a.dtype, device=a.device)
-    # Converted chunk by chunk: the float32 temporaries of a 2**20-element chunk stay in cache,
-    # so this moves less memory than converting whole tensors once.
-    for start in range(0, va.numel(), CHUNK):
-        out[start : start + CHUNK] = ca * va[start : start + CHUNK].to(dtype) + cb * vb[start : start + CHUNK].to(dtype)
+    for s, e in _spans(va.numel()):  # same ops and order as ca * x.to(f32) + cb * y.to(f32)
+        x, y = bx[: e - s], by[: e - s]
+        x.copy_(va[s:e]).mul_(ca)
+        y.copy_(vb[s:e]).mul_(cb)
+        out[s:e].copy_(x.add_(y))
     return out.reshape(a.shape)
 
 
@@ -66,10 +78,13 @@ def slerp_pairs(ts: Sequence[float], a: torch.Tensor, b: torch.Tensor) -> list[t
     """
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     va, vb = a.reshape(-1), b.reshape(-1)
-    if va.numel() == 0:
+    n = va.numel()
+    if n == 0:
         return [a.clone() for _ in ts]
-    dot = _geometry(va, vb, dtype)
-    return [_apply(t, dot, a, va, vb, dtype) for t in ts]
+    bx = torch.empty(min(CHUNK, n), dtype=dtype, device=a.device)
+    by = torch.empty(min(CHUNK, n), dtype=dtype, device=a.device)
+    dot = _geometry(va, vb, dtype, bx, by)
+    return [_apply(t, dot, a, va, vb, bx, by) for t in ts]
 
 
 def slerp_pair(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""Units of distributed work smaller than an output shard: runs of whole tensors of one shard.
+
+``--out-shard-size`` decides the output files (5 GB by default, so a 1B model is one file), but a
+single file per worker would leave all other workers idle. The driver therefore cuts each shard
+into *parts* (consecutive tensors, a few per worker), creates the shard's ``.tmp`` file at its
+final size with its header (the plan knows every tensor's offset), and any worker (a Ray actor,
+or the driver itself while Ray starts) merges a part and writes its tensors at their offsets.
+When every part of a shard is in, the driver renames the ``.tmp`` file into place and then writes
+the shard's record (tensor names, shapes, sha256) for ``--resume``: a record on disk still implies
+a complete shard, and an interrupted shard is redone whole. A retried part (its actor was killed)
+rewrites the same bytes: every tensor is a deterministic function of the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mergeserve.errors import ResourceError
+from mergeserve.merge.execute import ShardResult, SourceCache, TensorRecord, compute_tensor, peak_rss_bytes
+from mergeserve.merge.plan import MergePlan, ShardTask
+from mergeserve.merge.writer import ShardLayout, SlotWriter, create_sized
+
+PARTS_PER_WORKER = 16
+MIN_PART_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Part:
+    """Tensors ``start`` .. ``stop - 1`` of shard ``shard`` (indices into ``ShardTask.tensors``)."""
+
+    shard: int
+    start: int
+    stop: int
+    bytes_written: int
+
+
+@dataclass(frozen=True)
+class PartResult:
+    part: Part
+    tensors: tuple[TensorRecord, ...]
+    seconds: float
+    peak_rss: int  # bytes, of the process that merged it
+    worker: str
+
+
+def result_path(out_dir: str | Path, filename: str) -> Path:
+    """Where a finished shard's record (tensor names, shapes, sha256) is kept for --resume."""
+    return Path(out_dir) / f".{filename}.done.json"
+
+
+def tmp_path(out_dir: str | Path, filename: str) -> Path:
+    return Path(out_dir) / f"{filename}.tmp"
+
+
+def layout_of(shard: ShardTask) -> ShardLayout:
+    return ShardLayout([e for t in shard.tensors for e in t.outputs()])
+
+
+def split_parts(shards: Sequence[ShardTask], workers: int) -> list[Part]:
+    """Cut shards into parts of about ``total / (workers * PARTS_PER_WORKER)`` bytes (whole tensors,
+    at least MIN_PART_BYTES unless a shard is smaller), in plan order."""
+    total = sum(s.bytes_written for s in shards)
+    target = max(MIN_PART_BYTES, total // max(1, workers * PARTS_PER_WORKER))
+    parts = []
+    for s in shards:
+        start, size = 0, 0
+        for i, t in enumerate(s.tensors):
+            size += t.bytes_out
+            if size >= target or i == len(s.tensors) - 1:
+                parts.append(Part(s.index, start, i + 1, size))
+                start, size = i + 1, 0
+    return parts
+
+
+def prepare_shard(out_dir: str | Path, shard: ShardTask) -> None:
+    """Create the shard's ``.tmp`` file (header, full size) for parts to fill in."""
+    create_sized(tmp_path(out_dir, shard.filename), layout_of(shard))
+
+
+def run_part(
+    plan: MergePlan, part: Part, out_dir: str | Path, *, sources: SourceCache, device: str = "cpu", worker: str = "local",
+    should_stop: Callable[[], bool] | None = None,
+) -> PartResult:
+    """Merge the tensors of ``part`` and write them into their shard's ``.tmp`` file.
+
+    ``should_stop`` is asked after each tensor: if it says so, the result covers only the tensors
+    done so far (``result.part.stop`` is then smaller than ``part.stop``) and the caller hands the
+    rest to someone else.
+    """
+    from mergeserve.merge.execute import _is_oom, tune_malloc
+
+    t0 = time.perf_counter()
+    tune_malloc()
+    shard = plan.shards[part.shard]
+    tasks = shard.tensors[part.start : part.stop]
+    slots = layout_of(shard).tensors
+    first = sum(len(t.outputs()) for t in shard.tensors[: part.start])
+    entries = [e for t in tasks for e in t.outputs()]
+    writer = SlotWriter(tmp_path(out_dir, shard.filename), slots[first : first + len(entries)])
+    done = 0
+    try:
+        with single_threaded_ops():
+            for task in tasks:
+                try:
+                    outs = compute_tensor(task, plan.method, sources, device)
+                except BaseException as e:
+                    if _is_oom(e):
+                        raise ResourceError(f"shard {shard.filename}: out of memory merging tensor {task.name!r}") from None
+                    raise
+                for name, t in outs:
+                    writer.write(name, t)
+                del outs
+                done += 1
+                if should_stop is not None and done < len(tasks) and should_stop():
+                    break
+        hashes = writer.close(partial=True)
+    except BaseException:
+        writer.abort()
+        raise
+    if done < len(tasks):
+        part = Part(part.shard, part.start, part.start + done, sum(t.bytes_out for t in tasks[:done]))
+        entries = [e for t in tasks[:done] for e in t.outputs()]
+    records = tuple(TensorRecord(n, tuple(s), d, hashes[n]) for n, d, s in entries)
+    return PartResult(part, records, time.perf_counter() - t0, peak_rss_bytes(), worker)
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_before = 1
+
+
+@contextmanager
+def single_threaded_ops():
+    """One intra-op thread per torch call (see merge.execute.deterministic_threads) while any
+    caller in this process is inside; safe when several threads (the driver's helpers) enter and
+    leave at different times, which a plain save/restore is not."""
+    global _threads_users, _threads_before
+    import torch
+
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_before)
+
+
+class ShardAssembler:
+    """Collects finished parts; completes a shard (rename, then record) once all its parts are in."""
+
+    def __init__(self, plan: MergePlan, parts: Sequence[Part], out_dir: str | Path):
+        self.plan = plan
+        self.out_dir = Path(out_dir)
+        self._missing: dict[int, set[int]] = {}  # shard -> indices of tensors not merged yet
+        for p in parts:
+            self._missing.setdefault(p.shard, set()).update(range(p.start, p.stop))
+        self._got: dict[int, list[PartResult]] = {}
+        self.results: list[ShardResult] = []
+
+    def add(self, res: PartResult) -> ShardResult | None:
+        """Record ``res``; returns the shard's ShardResult if this was its last part."""
+        p = res.part
+        missing = self._missing[p.shard]
+        if not missing.issuperset(range(p.start, p.stop)):
+            raise RuntimeError(f"part {p} reported twice")  # a bug in the dispatcher, not user input
+        missing.difference_update(range(p.start, p.stop))
+        self._got.setdefault(p.shard, []).append(res)
+        if missing:
+            return None
+        shard = self.plan.shards[p.shard]
+        got = sorted(self._got.pop(p.shard), key=lambda r: r.part.start)
+        final = self.out_dir / shard.filename
+        os.replace(tmp_path(self.out_dir, shard.filename), final)
+        workers = sorted({r.worker for r in got})
+        result = ShardResult(
+            shard.index, shard.filename, tuple(t for r in got for t in r.tensors), shard.bytes_read, shard.bytes_written,
+            sum(r.seconds for r in got), max(r.peak_rss for r in got), ",".join(workers),
+        )
+        # The record is written after the shard's rename: a record on disk implies a complete shard.
+        rec = result_path(self.out_dir, shard.filename)
+        tmp = rec.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(result)))
+        os.replace(tmp, rec)
+        self.results.append(result)
+        return result
+
+    @property
+    def done(self) -> bool:
+        return not any(self._missing.values())
