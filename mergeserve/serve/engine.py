@@ -19,11 +19,12 @@ from typing import Any
 from mergeserve.errors import InputError, UnsupportedError
 
 MAX_MODEL_LEN = 4096
-# Ray Serve LLM sends a stream's tokens in batches, one message per interval per hop (LLM replica
-# -> ingress -> proxy). Ray's default is 50 ms; on a 2-core CPU host each message costs the
-# engine CPU, and 200 ms measured about a third more tokens/s at 16 streams (benchmarks/
-# serve_bench.py). The first chunk is not delayed (llm_server.py), so time to first token
-# does not depend on it; a stream's later text arrives up to this much later in larger pieces.
+# Ray Serve LLM sends a stream's tokens in batches, one message per interval per hop (LLM
+# replica -> ingress -> proxy). Ray's default is 50 ms; on a 2-core CPU host each message costs
+# the engine CPU: at 16 streams, 200 ms gave 55% of vLLM's own server's tokens/s where 50 ms
+# gave 38% (benchmarks/serve_bench.py, side by side). The first chunk is not delayed
+# (llm_server.py), so time to first token does not depend on it; a stream's later text arrives
+# up to this much later, in larger pieces.
 STREAM_INTERVAL_MS = 200.0
 
 
