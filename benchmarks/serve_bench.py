@@ -8,7 +8,8 @@ timing start-up to the first successful request, warms it, then runs the load: `
 streamed completions, ``--concurrency`` at a time, each generating exactly ``--max-tokens``
 tokens (ignore_eos). Measured per round: output tokens/s, p50/p90 time to first token, peak RSS
 of the server's process tree, and the CPU time each kind of process in that tree used during the
-load (engine worker, engine core, HTTP front end(s)), per request. Reports medians over rounds
+load (engine worker, engine core, HTTP front end(s)), per request; then, without load, the p50
+time to first token of ``--single-requests`` requests sent one at a time. Reports medians over rounds
 and the ratios mergeserve / vLLM. Writes JSON and Markdown to benchmarks/results/.
 """
 
@@ -155,17 +156,18 @@ def run_side(cmd: list[str], name: str, a: argparse.Namespace) -> dict:
         before = cpu_by_role(proc.pid)
         r = asyncio.run(load(url, name, a.requests, a.concurrency, a.max_tokens))
         after = cpu_by_role(proc.pid)
+        single = asyncio.run(load(url, name, a.single_requests, 1, a.max_tokens))  # one request at a time
     finally:
         watch.done.set()
         stop(proc)
     cpu = {k: after[k] - before.get(k, 0.0) for k in after if k != "gone"}
-    r.update(startup_s=startup, peak_rss_gib=watch.peak / 2**30,
+    r.update(startup_s=startup, peak_rss_gib=watch.peak / 2**30, single_ttft_p50_ms=single["ttft_p50_ms"],
              cpu_ms_per_request={k: 1000 * v / a.requests for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])})
     return r
 
 
 def median_of(rounds: list[dict]) -> dict:
-    keys = ("output_tok_s", "ttft_p50_ms", "ttft_p90_ms", "startup_s", "peak_rss_gib")
+    keys = ("output_tok_s", "ttft_p50_ms", "ttft_p90_ms", "single_ttft_p50_ms", "startup_s", "peak_rss_gib")
     med = {k: statistics.median(r[k] for r in rounds) for k in keys}
     roles = {k for r in rounds for k in r["cpu_ms_per_request"]}
     med["cpu_ms_per_request"] = dict(sorted(((k, statistics.median(r["cpu_ms_per_request"].get(k, 0.0) for r in rounds)) for k in roles),
@@ -180,6 +182,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--single-requests", type=int, default=16, help="then this many requests one at a time, for TTFT without load")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--serve-args", default="", help="extra arguments for mergeserve serve, e.g. --no-engine-metrics")
     a = ap.parse_args()
@@ -196,7 +199,7 @@ def main() -> None:
             r = run_side(cmd, name, a)
             rounds[side].append(r)
             print(f"round {i + 1} {side:20s} start {r['startup_s']:6.1f} s  {r['output_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
-                  f"p90 {r['ttft_p90_ms']:7.1f} ms  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+                  f"p90 {r['ttft_p90_ms']:7.1f} ms  1-stream TTFT p50 {r['single_ttft_p50_ms']:6.1f} ms  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
     v_rounds, m_rounds = rounds["vllm-openai-server"], rounds["mergeserve-serve"]
     ratios = [m["output_tok_s"] / v["output_tok_s"] for v, m in zip(v_rounds, m_rounds)]
     ttft_deltas = [m["ttft_p50_ms"] - v["ttft_p50_ms"] for v, m in zip(v_rounds, m_rounds)]
@@ -207,12 +210,12 @@ def main() -> None:
     roles = list(dict.fromkeys([*v["cpu_ms_per_request"], *m["cpu_ms_per_request"]]))
     table = "\n".join([
         f"| server ({a.concurrency} concurrent streams, {a.requests} x {a.max_tokens} tokens; median of {a.rounds} alternating rounds) "
-        "| output tok/s | TTFT p50 ms | TTFT p90 ms | start-up s | peak RSS GiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        *(f"| {k} | {r['output_tok_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['startup_s']:.1f} | {r['peak_rss_gib']:.2f} |"
-          for k, r in results.items()),
+        "| output tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p50 ms, 1 stream | start-up s | peak RSS GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {k} | {r['output_tok_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['single_ttft_p50_ms']:.1f} "
+          f"| {r['startup_s']:.1f} | {r['peak_rss_gib']:.2f} |" for k, r in results.items()),
         f"| mergeserve / vLLM (median of per-round ratios) | {summary['tok_s_ratio_median']:.1%} "
-        f"| {summary['ttft_p50_delta_ms_median']:+.1f} ms | | | |",
+        f"| {summary['ttft_p50_delta_ms_median']:+.1f} ms | | {m['single_ttft_p50_ms'] - v['single_ttft_p50_ms']:+.1f} ms | | |",
         "",
         f"Per-round tok/s ratios: {', '.join(f'{x:.1%}' for x in ratios)}; TTFT p50 differences: "
         f"{', '.join(f'{x:+.0f} ms' for x in ttft_deltas)}.",
