@@ -1,13 +1,16 @@
 """Serving benchmark: `mergeserve serve` (Ray Serve + vLLM) against vLLM's own OpenAI server,
 same checkpoint, same load, one after the other in one run.
 
-    .venv/bin/python benchmarks/serve_bench.py CHECKPOINT [--concurrency 16] [--requests 64] [--max-tokens 64]
+    .venv/bin/python benchmarks/serve_bench.py CHECKPOINT [--rounds 3] [--concurrency 16] [--requests 64] [--max-tokens 64]
 
-For each server: start it (timing start-up to first successful request), warm it, then run the
-load: ``--requests`` streamed completions, ``--concurrency`` at a time, each generating exactly
-``--max-tokens`` tokens (ignore_eos). Reports output tokens/s, p50/p90 time to first token, peak
-RSS of the server's process tree, and the ratios mergeserve / vLLM. Writes JSON and Markdown to
-benchmarks/results/.
+Each round starts each server in turn (alternating, so that drift on a shared machine hits both),
+timing start-up to the first successful request, warms it, then runs the load: ``--requests``
+streamed completions, ``--concurrency`` at a time, each generating exactly ``--max-tokens``
+tokens (ignore_eos). Measured per round: output tokens/s, p50/p90 time to first token, peak RSS
+of the server's process tree, and the CPU time each kind of process in that tree used during the
+load (engine worker, engine core, HTTP front end(s)), per request; then, without load, the p50
+time to first token of ``--single-requests`` requests sent one at a time. Reports medians over rounds
+and the ratios mergeserve / vLLM. Writes JSON and Markdown to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -88,6 +91,33 @@ async def load(url: str, model: str, n: int, conc: int, max_tokens: int) -> dict
             "ttft_p90_ms": 1000 * ttfts[int(0.9 * (len(ttfts) - 1))], "tokens": toks, "wall_s": wall}
 
 
+def role(p: psutil.Process) -> str:
+    """Which part of a server a process is (by its title), for the CPU accounting."""
+    try:
+        title = " ".join(p.cmdline()) or p.name()
+    except psutil.Error:
+        return "gone"
+    for key, name in (("VLLM::Worker", "engine worker"), ("VLLM::EngineCore", "engine core"),
+                      ("ProxyActor", "Serve HTTP proxy"), ("OpenAiIngress", "Serve OpenAI ingress"),
+                      ("LLMServer", "Serve LLMServer replica"), ("vllm.entrypoints.openai.api_server", "vLLM API server")):
+        if key in title:
+            return name
+    return "other (Ray's GCS, raylet, controller, agents; driver)"
+
+
+def cpu_by_role(pid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            r = role(p)
+            out[r] = out.get(r, 0.0) + t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
 def start(cmd: list[str], url: str, model: str) -> tuple[subprocess.Popen, float, RssWatch]:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1"))
@@ -117,12 +147,42 @@ def stop(proc: subprocess.Popen) -> None:
         p.kill()
 
 
+def run_side(cmd: list[str], name: str, a: argparse.Namespace) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, startup, watch = start(cmd(port), url, name)
+    try:
+        asyncio.run(load(url, name, a.concurrency, a.concurrency, 8))  # warm-up
+        before = cpu_by_role(proc.pid)
+        r = asyncio.run(load(url, name, a.requests, a.concurrency, a.max_tokens))
+        after = cpu_by_role(proc.pid)
+        single = asyncio.run(load(url, name, a.single_requests, 1, a.max_tokens))  # one request at a time
+    finally:
+        watch.done.set()
+        stop(proc)
+    cpu = {k: after[k] - before.get(k, 0.0) for k in after if k != "gone"}
+    r.update(startup_s=startup, peak_rss_gib=watch.peak / 2**30, single_ttft_p50_ms=single["ttft_p50_ms"],
+             cpu_ms_per_request={k: 1000 * v / a.requests for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])})
+    return r
+
+
+def median_of(rounds: list[dict]) -> dict:
+    keys = ("output_tok_s", "ttft_p50_ms", "ttft_p90_ms", "single_ttft_p50_ms", "startup_s", "peak_rss_gib")
+    med = {k: statistics.median(r[k] for r in rounds) for k in keys}
+    roles = {k for r in rounds for k in r["cpu_ms_per_request"]}
+    med["cpu_ms_per_request"] = dict(sorted(((k, statistics.median(r["cpu_ms_per_request"].get(k, 0.0) for r in rounds)) for k in roles),
+                                            key=lambda kv: -kv[1]))
+    return med
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (each starts both servers); medians are reported")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--single-requests", type=int, default=16, help="then this many requests one at a time, for TTFT without load")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--serve-args", default="", help="extra arguments for mergeserve serve, e.g. --no-engine-metrics")
     a = ap.parse_args()
@@ -133,32 +193,46 @@ def main() -> None:
         "mergeserve-serve": lambda port: [sys.executable, "-m", "mergeserve.cli", "serve", a.checkpoint, "--name", name,
                                           "--port", str(port), "--metrics-port", str(free_port()), *a.serve_args.split()],
     }
-    results = {}
-    for side, cmd in sides.items():
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc, startup, watch = start(cmd(port), url, name)
-        try:
-            asyncio.run(load(url, name, a.concurrency, a.concurrency, 8))  # warm-up
-            r = asyncio.run(load(url, name, a.requests, a.concurrency, a.max_tokens))
-        finally:
-            watch.done.set()
-            stop(proc)
-        r.update(startup_s=startup, peak_rss_gib=watch.peak / 2**30)
-        results[side] = r
-        print(f"{side:20s} start {startup:6.1f} s  {r['output_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
-              f"p90 {r['ttft_p90_ms']:7.1f} ms  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+    rounds: dict[str, list[dict]] = {side: [] for side in sides}
+    for i in range(a.rounds):
+        for side, cmd in (sides.items() if i % 2 == 0 else reversed(sides.items())):
+            r = run_side(cmd, name, a)
+            rounds[side].append(r)
+            print(f"round {i + 1} {side:20s} start {r['startup_s']:6.1f} s  {r['output_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
+                  f"p90 {r['ttft_p90_ms']:7.1f} ms  1-stream TTFT p50 {r['single_ttft_p50_ms']:6.1f} ms  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+    v_rounds, m_rounds = rounds["vllm-openai-server"], rounds["mergeserve-serve"]
+    ratios = [m["output_tok_s"] / v["output_tok_s"] for v, m in zip(v_rounds, m_rounds)]
+    ttft_deltas = [m["ttft_p50_ms"] - v["ttft_p50_ms"] for v, m in zip(v_rounds, m_rounds)]
+    results = {side: median_of(rs) for side, rs in rounds.items()}
     v, m = results["vllm-openai-server"], results["mergeserve-serve"]
+    summary = {"tok_s_ratio_median": statistics.median(ratios), "tok_s_ratio_per_round": ratios,
+               "ttft_p50_delta_ms_median": statistics.median(ttft_deltas), "ttft_p50_delta_ms_per_round": ttft_deltas}
+    roles = list(dict.fromkeys([*v["cpu_ms_per_request"], *m["cpu_ms_per_request"]]))
     table = "\n".join([
-        f"| server ({a.concurrency} concurrent streams, {a.requests} x {a.max_tokens} tokens) | output tok/s | TTFT p50 ms | TTFT p90 ms | start-up s | peak RSS GiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        *(f"| {k} | {r['output_tok_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['startup_s']:.1f} | {r['peak_rss_gib']:.2f} |" for k, r in results.items()),
-        f"| mergeserve / vLLM | {m['output_tok_s'] / v['output_tok_s']:.1%} | {m['ttft_p50_ms'] - v['ttft_p50_ms']:+.1f} ms | | | |",
+        f"| server ({a.concurrency} concurrent streams, {a.requests} x {a.max_tokens} tokens; median of {a.rounds} alternating rounds) "
+        "| output tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p50 ms, 1 stream | start-up s | peak RSS GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {k} | {r['output_tok_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['single_ttft_p50_ms']:.1f} "
+          f"| {r['startup_s']:.1f} | {r['peak_rss_gib']:.2f} |" for k, r in results.items()),
+        f"| mergeserve / vLLM (median of per-round ratios) | {summary['tok_s_ratio_median']:.1%} "
+        f"| {summary['ttft_p50_delta_ms_median']:+.1f} ms | | {m['single_ttft_p50_ms'] - v['single_ttft_p50_ms']:+.1f} ms | | |",
+        "",
+        f"Per-round tok/s ratios: {', '.join(f'{x:.1%}' for x in ratios)}; TTFT p50 differences: "
+        f"{', '.join(f'{x:+.0f} ms' for x in ttft_deltas)}.",
+        "",
+        "CPU time used during the load, per request (ms; median over rounds):",
+        "",
+        "| process | vllm-openai-server | mergeserve-serve |",
+        "| --- | ---: | ---: |",
+        *(f"| {k} | {v['cpu_ms_per_request'].get(k, 0.0):.1f} | {m['cpu_ms_per_request'].get(k, 0.0):.1f} |" for k in roles),
+        f"| total | {sum(v['cpu_ms_per_request'].values()):.1f} | {sum(m['cpu_ms_per_request'].values()):.1f} |",
     ])
     print(table)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
+    doc = {"settings": {"concurrency": a.concurrency, "requests": a.requests, "max_tokens": a.max_tokens, "rounds": a.rounds,
+                        "serve_args": a.serve_args}, "median": results, "summary": summary, "rounds": rounds}
+    (out / "serve.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "serve.md").write_text(table + "\n")
 
 

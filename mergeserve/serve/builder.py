@@ -1,9 +1,10 @@
 """The one place a Serve application is assembled (``serve.deployment(...).bind(...)``).
 
 It follows ``ray.serve.llm.build_openai_app`` (one ``LLMServer`` deployment per model, one
-OpenAI ingress routing by model name) with one addition Ray's builder has no hook for: an ASGI
-middleware on the ingress's FastAPI app that requires ``Authorization: Bearer <api_key>`` when a
-key is set. The OpenAI layer itself (routes, streaming, usage, 4xx on bad requests) is Ray's and
+OpenAI ingress routing by model name) with two additions Ray's builder has no hook for: ASGI
+middlewares on the ingress's FastAPI app (bearer-token auth when a key is set, and a retry of
+requests that fail before their first byte), and the LLM deployments use our ``LLMServer``
+subclass, which sends a stream's first chunk without Ray's batching delay (see llm_server.py). The OpenAI layer itself (routes, streaming, usage, 4xx on bad requests) is Ray's and
 vLLM's. :func:`build_app` takes a plain dict, so ``serve deploy`` can call it from a config file
 (``import_path: mergeserve.serve.builder:build_app``).
 """
@@ -98,6 +99,8 @@ def build_app(args: dict[str, Any]):
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
     from ray.serve.llm import LLMConfig
 
+    from mergeserve.serve.llm_server import LLMServer
+
     configs = [LLMConfig.model_validate(c) for c in args["llm_configs"]]
     names = [c.model_id for c in configs]
     if len(set(names)) != len(names):
@@ -107,9 +110,10 @@ def build_app(args: dict[str, Any]):
     if args.get("api_key"):  # added last, so it runs first: unauthenticated requests are never retried
         app.add_middleware(BearerAuth, api_key=args["api_key"])
     ingress = make_fastapi_ingress(OpenAiIngress, app=app)
+
     options = maybe_apply_llm_deployment_config_defaults(OpenAiIngress.get_deployment_options(configs), {})
     return serve.deployment(ingress, **options).bind(
-        llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
+        llm_deployments={c.model_id: build_llm_deployment(c, deployment_cls=LLMServer) for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
         lora_paths={},
     )

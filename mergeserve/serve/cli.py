@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from mergeserve.serve.engine import STREAM_INTERVAL_MS
+
 
 def _replicas(v: str) -> int | str:
     if v == "auto":
@@ -37,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of a local Ray (default 8080)")
     p.add_argument("--no-engine-metrics", dest="engine_metrics", action="store_false",
                    help="do not export vLLM's engine metrics (tokens, TTFT) through Ray: less overhead")
+    p.add_argument("--stream-interval-ms", type=float, default=STREAM_INTERVAL_MS, metavar="MS",
+                   help=f"send a stream's tokens in batches, one per MS milliseconds after the first token (default {STREAM_INTERVAL_MS:g}; "
+                        "Ray's default is 50: smoother streams, fewer tokens/s on a small CPU)")
     p.add_argument("--emit-config", metavar="FILE", help="write a Ray Serve config for `serve deploy` and exit")
     p.set_defaults(handler=_cmd_serve)
 
@@ -49,6 +54,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         address=a.address, device=a.device, max_model_len=a.max_model_len, quantize_fp8=a.quantize_fp8,
         kv_cache_gib=a.kv_cache_gib, trust_remote_code=a.trust_remote_code, enforce_eager=a.enforce_eager,
         metrics_port=a.metrics_port, engine_metrics=a.engine_metrics,
+        stream_interval_ms=a.stream_interval_ms,
     )
     if a.emit_config:
         print(f"wrote {emit_config(opts, a.emit_config)} (deploy with: serve deploy {a.emit_config})")

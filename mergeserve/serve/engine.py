@@ -19,6 +19,13 @@ from typing import Any
 from mergeserve.errors import InputError, UnsupportedError
 
 MAX_MODEL_LEN = 4096
+# Ray Serve LLM sends a stream's tokens in batches, one message per interval per hop (LLM
+# replica -> ingress -> proxy). Ray's default is 50 ms; on a 2-core CPU host each message costs
+# the engine CPU: at 16 streams, 200 ms gave 55% of vLLM's own server's tokens/s where 50 ms
+# gave 38% (benchmarks/serve_bench.py, side by side). The first chunk is not delayed
+# (llm_server.py), so time to first token does not depend on it; a stream's later text arrives
+# up to this much later, in larger pieces.
+STREAM_INTERVAL_MS = 200.0
 
 
 @dataclass(frozen=True)
@@ -92,8 +99,11 @@ def llm_config(
     trust_remote_code: bool = False,
     enforce_eager: bool = False,
     engine_metrics: bool = True,
+    stream_interval_ms: float = STREAM_INTERVAL_MS,
 ) -> dict[str, Any]:
     """The LLMConfig (as a dict: it also goes into ``--emit-config`` YAML) for one checkpoint."""
+    if not stream_interval_ms >= 0:  # also NaN
+        raise InputError(f"--stream-interval-ms must be >= 0 milliseconds, got {stream_interval_ms}")
     if max_model_len > ckpt.max_positions:
         raise InputError(f"checkpoint {ckpt.name}: --max-model-len {max_model_len} exceeds its {ckpt.max_positions} positions")
     engine: dict[str, Any] = {
@@ -122,4 +132,5 @@ def llm_config(
         "runtime_env": {"env_vars": env},
         "deployment_config": deployment,
         "log_engine_metrics": engine_metrics,
+        "experimental_configs": {"stream_batching_interval_ms": stream_interval_ms},
     }

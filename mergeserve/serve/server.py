@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from mergeserve.errors import ClusterError, InputError
-from mergeserve.serve.engine import Checkpoint, check_fp8_support, inspect_checkpoint, llm_config
+from mergeserve.serve.engine import STREAM_INTERVAL_MS, Checkpoint, check_fp8_support, inspect_checkpoint, llm_config
 
 APP_NAME = "mergeserve"
 
@@ -43,6 +43,7 @@ class ServeOptions:
     enforce_eager: bool = False
     metrics_port: int = 8080
     engine_metrics: bool = True
+    stream_interval_ms: float = STREAM_INTERVAL_MS
     ready_timeout_s: float = 900.0
 
 
@@ -75,6 +76,7 @@ def app_args(opts: ServeOptions, ckpts: list[Checkpoint], accelerator: str, chec
             c, accelerator=accelerator, max_model_len=opts.max_model_len, quantize=opts.quantize_fp8,
             kv_cache_gib=opts.kv_cache_gib, replicas=opts.replicas, trust_remote_code=opts.trust_remote_code,
             enforce_eager=opts.enforce_eager, engine_metrics=opts.engine_metrics,
+            stream_interval_ms=opts.stream_interval_ms,
         )
         for c in ckpts
     ]
