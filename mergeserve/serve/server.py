@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -164,6 +165,8 @@ class Server:
             raise
         if self._on_ray_started:
             self._on_ray_started()
+        # progress for a start-up that takes a minute or two (engines compile)
+        print(f"mergeserve: Ray is up; starting {len(ckpts)} engine(s) for {', '.join(self.models)}", file=sys.stderr, flush=True)
         try:
             if accelerator == "auto":
                 accelerator = "gpu" if ray.cluster_resources().get("GPU", 0) else "cpu"
