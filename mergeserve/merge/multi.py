@@ -41,7 +41,7 @@ from mergeserve.merge.execute import (
 from mergeserve.merge.methods.registry import get_method
 from mergeserve.merge.plan import MergePlan, TensorTask
 from mergeserve.merge.reader import ST_DTYPES
-from mergeserve.merge.writer import ShardWriter
+from mergeserve.merge.writer import ShardLayout, SlotWriter, create_sized
 
 Outputs = list[tuple[str, torch.Tensor]]
 
@@ -114,12 +114,17 @@ def run_shard_many(
     sources = sources or SourceCache(plans[0].models)
     shards = [p.shards[shard_index] for p in plans]
     methods = [p.method for p in plans]
-    writers: list[ShardWriter] = []
+    writers: list[SlotWriter] = []
+    tmps: list[Path] = []
     mem: list[dict[str, torch.Tensor]] = [{} for _ in plans]
     if out_dirs is not None:
-        writers = [
-            ShardWriter(Path(d) / (s.filename + ".tmp"), [e for t in s.tensors for e in t.outputs()]) for d, s in zip(out_dirs, shards)
-        ]
+        # Pre-sized files filled with O_DIRECT writes (SlotWriter): a sweep writes many
+        # checkpoints, and filling fresh page-cache pages would cost more CPU than the merge.
+        for d, s in zip(out_dirs, shards):
+            layout = ShardLayout([e for t in s.tensors for e in t.outputs()])
+            tmps.append(Path(d) / (s.filename + ".tmp"))
+            create_sized(tmps[-1], layout)
+            writers.append(SlotWriter(tmps[-1], layout.tensors))
 
     def emit(pos: int, future: Future) -> None:
         try:
@@ -154,9 +159,9 @@ def run_shard_many(
         if not writers:
             return mem
         results = []
-        for d, s, w in zip(out_dirs, shards, writers):  # type: ignore[arg-type]
+        for d, s, w, tmp in zip(out_dirs, shards, writers, tmps):  # type: ignore[arg-type]
             hashes = w.close()
-            os.replace(Path(d) / (s.filename + ".tmp"), Path(d) / s.filename)
+            os.replace(tmp, Path(d) / s.filename)
             entries = [e for t in s.tensors for e in t.outputs()]
             records = tuple(TensorRecord(n, tuple(sh), dt, hashes[n]) for n, dt, sh in entries)
             results.append(
@@ -166,6 +171,8 @@ def run_shard_many(
     except BaseException:
         for w in writers:
             w.abort()
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         raise
     finally:
         if own:
