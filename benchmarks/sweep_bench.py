@@ -96,7 +96,7 @@ def part_write(work: Path, rounds: int) -> dict:
         warm(ma, mb)
         t0, peak = time.perf_counter(), 0
         for c in cfgs:
-            _, p, _ = run_one([str(BIN / "mergekit-yaml"), str(c), str(work / "mk-out"), "--quiet"], work / "mk-out")
+            _, p, *_ = run_one([str(BIN / "mergekit-yaml"), str(c), str(work / "mk-out"), "--quiet"], work / "mk-out")
             peak = max(peak, p)
         res["mergekit-x16"].append(time.perf_counter() - t0)
         res["mergekit_rss"].append(peak)

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mergeserve.errors import ResourceError
 from mergeserve.merge.execute import ShardResult, SourceCache, TensorRecord, compute_tensor, peak_rss_bytes
 from mergeserve.merge.plan import MergePlan, ShardTask
 from mergeserve.merge.writer import ShardLayout, SlotWriter, create_sized
@@ -94,7 +93,7 @@ def run_part(
     done so far (``result.part.stop`` is then smaller than ``part.stop``) and the caller hands the
     rest to someone else.
     """
-    from mergeserve.merge.execute import _is_oom, tune_malloc
+    from mergeserve.merge.execute import oom_names, tune_malloc
 
     t0 = time.perf_counter()
     tune_malloc()
@@ -108,12 +107,8 @@ def run_part(
     try:
         with single_threaded_ops():
             for task in tasks:
-                try:
+                with oom_names(shard.filename, task.name):
                     outs = compute_tensor(task, plan.method, sources, device)
-                except BaseException as e:
-                    if _is_oom(e):
-                        raise ResourceError(f"shard {shard.filename}: out of memory merging tensor {task.name!r}") from None
-                    raise
                 for name, t in outs:
                     writer.write(name, t)
                 del outs

@@ -164,6 +164,33 @@ def _is_oom(e: BaseException) -> bool:
 
 
 @contextmanager
+def oom_names(shard: str, tensor: str):
+    """Turn an allocation failure into a ResourceError naming the shard and tensor."""
+    try:
+        yield
+    except BaseException as e:
+        if _is_oom(e):
+            raise ResourceError(f"shard {shard}: out of memory merging tensor {tensor!r}") from None
+        raise
+
+
+def in_order(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int, emit: Callable[[object, Future], None]) -> None:
+    """``fn(item)`` on ``pool``, at most ``window`` in flight, each handed to ``emit(item, future)``
+    in the order of ``items`` (so outputs are written in plan order while later ones compute)."""
+    pending: deque[tuple[object, Future]] = deque()
+    try:
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= max(1, window):
+                emit(*pending.popleft())
+        while pending:
+            emit(*pending.popleft())
+    finally:
+        for _, f in pending:
+            f.cancel()
+
+
+@contextmanager
 def deterministic_threads():
     """One intra-op thread per torch call while merging, restored afterwards.
 
@@ -205,12 +232,8 @@ def run_shard(
     writer = ShardWriter(tmp, entries)
 
     def emit(task: TensorTask, future: Future) -> None:
-        try:
+        with oom_names(shard.filename, task.name):
             outs = future.result()
-        except BaseException as e:
-            if _is_oom(e):
-                raise ResourceError(f"shard {shard.filename}: out of memory merging tensor {task.name!r}") from None
-            raise
         for name, t in outs:
             writer.write(name, t)
         if on_tensor:
@@ -218,17 +241,7 @@ def run_shard(
 
     try:
         with deterministic_threads(), ThreadPoolExecutor(max(1, threads), thread_name_prefix="merge") as pool:
-            pending: deque[tuple[TensorTask, Future]] = deque()
-            try:
-                for task in shard.tensors:
-                    pending.append((task, pool.submit(compute_tensor, task, plan.method, sources, device)))
-                    if len(pending) >= max(1, threads):
-                        emit(*pending.popleft())
-                while pending:
-                    emit(*pending.popleft())
-            finally:
-                for _, f in pending:
-                    f.cancel()
+            in_order(pool, lambda task: compute_tensor(task, plan.method, sources, device), shard.tensors, threads, emit)
         hashes = writer.close()
         os.replace(tmp, final)
     except BaseException:

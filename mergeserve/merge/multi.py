@@ -17,22 +17,21 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from mergeserve.errors import ResourceError
 from mergeserve.merge.execute import (
     ShardResult,
     SourceCache,
     TensorRecord,
-    _is_oom,
     deterministic_threads,
     finish_tensor,
+    in_order,
     load_inputs,
+    oom_names,
     peak_rss_bytes,
     task_generator,
     task_params,
@@ -127,12 +126,8 @@ def run_shard_many(
             writers.append(SlotWriter(tmps[-1], layout.tensors))
 
     def emit(pos: int, future: Future) -> None:
-        try:
+        with oom_names(shards[0].filename, shards[0].tensors[pos].name):
             outs = future.result()
-        except BaseException as e:
-            if _is_oom(e):
-                raise ResourceError(f"shard {shards[0].filename}: out of memory merging tensor {shards[0].tensors[pos].name!r}") from None
-            raise
         for v, pairs in enumerate(outs):
             for name, t in pairs:
                 if writers:
@@ -144,18 +139,8 @@ def run_shard_many(
 
     try:
         with deterministic_threads(), ThreadPoolExecutor(max(1, threads), thread_name_prefix="merge-many") as pool:
-            pending: deque[tuple[int, Future]] = deque()
-            try:
-                for pos in range(len(shards[0].tensors)):
-                    tasks = [s.tensors[pos] for s in shards]
-                    pending.append((pos, pool.submit(compute_many, tasks, methods, sources, device)))
-                    if len(pending) >= max(1, threads):
-                        emit(*pending.popleft())
-                while pending:
-                    emit(*pending.popleft())
-            finally:
-                for _, f in pending:
-                    f.cancel()
+            in_order(pool, lambda pos: compute_many([s.tensors[pos] for s in shards], methods, sources, device),
+                     range(len(shards[0].tensors)), threads, emit)
         if not writers:
             return mem
         results = []
