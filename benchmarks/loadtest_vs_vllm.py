@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -37,7 +36,8 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
+
+from mergeserve.serve.process import stop_process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "bench-model"
@@ -70,25 +70,8 @@ def start_vllm(checkpoint: str, port: int, log: Path) -> subprocess.Popen:
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    stop(proc)
+    stop_process_tree(proc)
     raise SystemExit("vLLM server not ready within 600 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server, then kill (by PID) whatever of its process tree is left (VLLM::EngineCore)."""
-    family = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(30)
-    _, alive = psutil.wait_procs(family, timeout=20)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 def run_vllm_bench(url: str, a, checkpoint: str, work: Path, rnd: int) -> dict:
@@ -184,7 +167,7 @@ def main() -> None:
                       f"{row[name]['output_tok_s']:8.1f} output tok/s  ({row[name]['completed']} ok, {row[name]['failed']} failed)", flush=True)
             rounds.append(row)
     finally:
-        stop(proc)
+        stop_process_tree(proc)
     med = {c: {k: statistics.median(r[c][k] for r in rounds) for k in ("mean_ttft_ms", "output_tok_s")}
            for c in ("vllm-bench", "mergeserve-loadtest")}
     ratio = {k: med["mergeserve-loadtest"][k] / med["vllm-bench"][k] for k in ("mean_ttft_ms", "output_tok_s")}

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+from mergeserve.serve.process import stop_process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,18 +136,6 @@ def start(cmd: list[str], url: str, model: str) -> tuple[subprocess.Popen, float
         time.sleep(1)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    family = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    _, alive = psutil.wait_procs(family, timeout=20)
-    for p in alive:
-        p.kill()
-
-
 def run_side(cmd: list[str], name: str, a: argparse.Namespace) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -159,7 +148,7 @@ def run_side(cmd: list[str], name: str, a: argparse.Namespace) -> dict:
         single = asyncio.run(load(url, name, a.single_requests, 1, a.max_tokens))  # one request at a time
     finally:
         watch.done.set()
-        stop(proc)
+        stop_process_tree(proc)
     cpu = {k: after[k] - before.get(k, 0.0) for k in after if k != "gone"}
     r.update(startup_s=startup, peak_rss_gib=watch.peak / 2**30, single_ttft_p50_ms=single["ttft_p50_ms"],
              cpu_ms_per_request={k: 1000 * v / a.requests for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])})

@@ -10,7 +10,6 @@ the command exits 0 and that no process it started (Ray, replicas, VLLM::EngineC
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
+
+from mergeserve.serve.process import stop_process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
@@ -40,26 +40,6 @@ class Served:
     metrics_url: str
     proc: subprocess.Popen
     checkpoints: dict[str, Path]
-
-
-def stop_and_reap(proc: subprocess.Popen, timeout: float = 120) -> list[str]:
-    """SIGTERM the command, wait, then kill (by PID) and report anything it left running."""
-    family = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(30)
-    _, alive = psutil.wait_procs(family, timeout=20)
-    left = []
-    for p in alive:
-        try:
-            left.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
-            p.kill()
-        except psutil.Error:
-            pass
-    return left
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -105,7 +85,7 @@ def served(merged_tiny, tmp_path_factory):
             raise AssertionError(f"not ready in time:\n{log.read_text()[-4000:]}")
         yield Served(url, API_KEY, ["marcoro14-tiny", "mistral-code"], f"http://127.0.0.1:{metrics}/metrics", proc, merged_tiny)
     finally:
-        left = stop_and_reap(proc)
+        left = stop_process_tree(proc)
         assert proc.returncode == 0, f"exit code {proc.returncode}:\n{log.read_text()[-3000:]}"
         assert not left, f"processes outlived mergeserve serve: {left}"
         with httpx.Client() as c:

@@ -39,33 +39,23 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
 
 
-class ShardWriter:
-    """Write one ``.safetensors`` file whose layout is known before any tensor is computed.
+class _QueuedWriter:
+    """What both writers share: tensors are checked against the plan on the caller's thread, then
+    hashed (sha256) and stored on a writer thread, so that both (they release the GIL) overlap the
+    merge of the next tensor. The bounded queue caps memory at a few tensors in flight. A failed
+    store is re-raised on the caller's next call."""
 
-    ``entries``: (name, safetensors dtype code, shape) in the order tensors will be written.
-    """
-
-    def __init__(self, path: str | Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
-        self.path = Path(path)
-        layout = ShardLayout(entries, metadata)
-        self._expected = [(t.name, t.dtype, t.shape, t.nbytes) for t in layout.tensors]
-        self.total_bytes = layout.total_bytes
+    def __init__(self, path: Path, slots: Sequence[TensorSlot]):
+        self.path = path
+        self._slots = list(slots)
         self._next = 0
         self.hashes: dict[str, str] = {}
-        self._f = open(self.path, "wb")
         self._error: BaseException | None = None
-        self._write(layout.header)
-        # Hashing and writing run on a thread (both release the GIL) so that they overlap the
-        # merge of the next tensor; the bounded queue caps memory at a few tensors in flight.
         self._queue: queue.Queue = queue.Queue(maxsize=2)
-        self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._drain, name=f"write-{path.name}", daemon=True)
 
-    def _write(self, data) -> None:
-        try:
-            self._f.write(data)
-        except OSError as e:
-            raise write_error(self.path, e) from None
+    def _store(self, slot: TensorSlot, data: memoryview, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def _drain(self) -> None:
         while True:
@@ -74,10 +64,12 @@ class ShardWriter:
                 return
             if self._error is not None:
                 continue  # keep consuming so that producers never block on a dead writer
-            name, data, _keepalive = item
+            slot, data, tensor = item
             try:
-                self.hashes[name] = hashlib.sha256(data).hexdigest()
-                self._write(data)
+                self.hashes[slot.name] = hashlib.sha256(data).hexdigest()
+                self._store(slot, data, tensor)
+            except OSError as e:
+                self._error = write_error(self.path, e)
             except BaseException as e:  # noqa: BLE001 - re-raised on the producer's thread
                 self._error = e
 
@@ -85,30 +77,51 @@ class ShardWriter:
         """Queue the next tensor (in the planned order) for hashing and writing."""
         if self._error is not None:
             raise self._error
-        exp_name, dtype, shape, n = self._expected[self._next]
-        if name != exp_name:
-            raise ValueError(f"writer for {self.path.name}: expected tensor {exp_name!r}, got {name!r}")
-        if TORCH_TO_ST.get(tensor.dtype) != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{name}: planned {dtype}{list(shape)}, got {TORCH_TO_ST.get(tensor.dtype)}{list(tensor.shape)}"
-            )
+        slot = self._slots[self._next]
+        if name != slot.name:
+            raise ValueError(f"writer for {self.path.name}: expected tensor {slot.name!r}, got {name!r}")
+        if TORCH_TO_ST.get(tensor.dtype) != slot.dtype or tuple(tensor.shape) != slot.shape:
+            raise ValueError(f"{name}: planned {slot.dtype}{list(slot.shape)}, got {TORCH_TO_ST.get(tensor.dtype)}{list(tensor.shape)}")
         tensor = tensor.detach().contiguous().cpu()
-        self._queue.put((name, tensor_bytes(tensor), tensor))
+        self._queue.put((slot, tensor_bytes(tensor), tensor))  # the tensor keeps the bytes alive
         self._next += 1
 
-    def _finish(self) -> None:
+    def _finish(self, partial: bool = False) -> None:
+        """Wait for the queued tensors; raise what the writer thread met."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._next != len(self._slots) and not partial:
+            raise ValueError(f"{self.path.name}: closed after {self._next} of {len(self._slots)} tensors")
+
+
+class ShardWriter(_QueuedWriter):
+    """Write one ``.safetensors`` file whose layout is known before any tensor is computed.
+
+    ``entries``: (name, safetensors dtype code, shape) in the order tensors will be written.
+    """
+
+    def __init__(self, path: str | Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
+        layout = ShardLayout(entries, metadata)
+        super().__init__(Path(path), layout.tensors)
+        self.total_bytes = layout.total_bytes
+        self._f = open(self.path, "wb")
+        try:
+            self._f.write(layout.header)
+        except OSError as e:
+            self._f.close()
+            raise write_error(self.path, e) from None
+        self._thread.start()
+
+    def _store(self, slot: TensorSlot, data: memoryview, tensor: torch.Tensor) -> None:
+        self._f.write(data)  # tensors arrive in file order
 
     def close(self) -> dict[str, str]:
         """Wait for the queued tensors, close the file; returns {name: sha256}."""
-        self._finish()
         try:
-            if self._error is not None:
-                raise self._error
-            if self._next != len(self._expected):
-                raise ValueError(f"{self.path.name}: closed after {self._next} of {len(self._expected)} tensors")
+            self._finish()
             # No fsync: durability is the page cache's job; atomicity comes from the rename of
             # the finished file (and of the whole directory), which is what readers depend on.
             self._f.flush()
@@ -119,7 +132,10 @@ class ShardWriter:
         return self.hashes
 
     def abort(self) -> None:
-        self._finish()
+        try:
+            self._finish(partial=True)
+        except BaseException:  # noqa: BLE001 - aborting anyway; the caller has the first error
+            pass
         if not self._f.closed:
             self._f.close()
         self.path.unlink(missing_ok=True)
@@ -193,7 +209,7 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
-class SlotWriter:
+class SlotWriter(_QueuedWriter):
     """Fill in some tensors of a file made by :func:`create_sized`, at their planned offsets.
 
     Like :class:`ShardWriter`, each tensor is hashed (sha256) and written on a thread beside the
@@ -210,11 +226,7 @@ class SlotWriter:
     """
 
     def __init__(self, path: str | Path, slots: Sequence[TensorSlot], *, direct: bool = True):
-        self.path = Path(path)
-        self._slots = list(slots)
-        self._next = 0
-        self.hashes: dict[str, str] = {}
-        self._error: BaseException | None = None
+        super().__init__(Path(path), slots)
         try:
             self._fd = os.open(self.path, os.O_WRONLY)
         except OSError as e:
@@ -227,8 +239,6 @@ class SlotWriter:
                 self._bounce_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._bounce))
             except OSError:
                 self._dfd = None
-        self._queue: queue.Queue = queue.Queue(maxsize=2)
-        self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
         self._thread.start()
 
     def _write_direct(self, data: memoryview, src_addr: int, offset: int) -> None:
@@ -256,61 +266,29 @@ class SlotWriter:
                 _pwrite_all(self._fd, data[start - offset : b - offset], start)
                 return
 
-    def _drain(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue  # keep consuming so that producers never block on a dead writer
-            slot, data, keepalive = item
-            try:
-                self.hashes[slot.name] = hashlib.sha256(data).hexdigest()
-                self._write_direct(data, keepalive.data_ptr(), slot.offset)
-            except OSError as e:
-                self._error = write_error(self.path, e)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the producer's thread
-                self._error = e
+    def _store(self, slot: TensorSlot, data: memoryview, tensor: torch.Tensor) -> None:
+        self._write_direct(data, tensor.data_ptr(), slot.offset)
 
     def _close_fds(self) -> None:
-        os.close(self._fd)
-        if self._dfd is not None:
-            os.close(self._dfd)
-            self._dfd = None
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue the next tensor (in the order of ``slots``) for hashing and writing."""
-        if self._error is not None:
-            raise self._error
-        slot = self._slots[self._next]
-        if name != slot.name:
-            raise ValueError(f"writer for {self.path.name}: expected tensor {slot.name!r}, got {name!r}")
-        if TORCH_TO_ST.get(tensor.dtype) != slot.dtype or tuple(tensor.shape) != slot.shape:
-            raise ValueError(f"{name}: planned {slot.dtype}{list(slot.shape)}, got {TORCH_TO_ST.get(tensor.dtype)}{list(tensor.shape)}")
-        tensor = tensor.detach().contiguous().cpu()
-        self._queue.put((slot, tensor_bytes(tensor), tensor))
-        self._next += 1
-
-    def _finish(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        for fd in (self._fd, self._dfd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._dfd = None
 
     def close(self, partial: bool = False) -> dict[str, str]:
         """Wait for the queued tensors, close the file; returns {name: sha256}. With ``partial``,
         the writer may have been given only the first of its slots' tensors."""
-        self._finish()
         try:
-            if self._error is not None:
-                raise self._error
-            if self._next != len(self._slots) and not partial:
-                raise ValueError(f"{self.path.name}: closed after {self._next} of {len(self._slots)} tensors")
+            self._finish(partial)
         finally:
             self._close_fds()
         return self.hashes
 
     def abort(self) -> None:
-        self._finish()
+        try:
+            self._finish(partial=True)
+        except BaseException:  # noqa: BLE001 - aborting anyway; the caller has the first error
+            pass
         self._close_fds()
 
 

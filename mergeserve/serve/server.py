@@ -23,6 +23,7 @@ import yaml
 
 from mergeserve.errors import ClusterError, InputError
 from mergeserve.serve.engine import STREAM_INTERVAL_MS, Checkpoint, check_fp8_support, inspect_checkpoint, llm_config
+from mergeserve.serve.process import reap
 
 APP_NAME = "mergeserve"
 
@@ -222,13 +223,7 @@ class Server:
         finally:
             if ray.is_initialized():
                 ray.shutdown()
-            _, alive = psutil.wait_procs(family, timeout=15)
-            for p in alive:  # e.g. VLLM::EngineCore orphaned by its replica: end it by PID
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(alive, timeout=10)
+            reap(family, timeout=15)  # e.g. VLLM::EngineCore orphaned by its replica: end it by PID
 
 
 def serve_forever(opts: ServeOptions, on_ready=print) -> None:

@@ -109,6 +109,15 @@ def write_csv(path: Path, rows: Sequence[dict], axes: Sequence[str]) -> None:
             ])
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(out: Path, rows: Sequence[dict], axes: Sequence[str]) -> list[Path]:
     """pareto.png (token perplexity on text A vs text B, Pareto set joined) and, when an axis is
     numeric, tradeoff.png (each text's perplexity along the first numeric axis)."""
@@ -137,10 +146,7 @@ def plot(out: Path, rows: Sequence[dict], axes: Sequence[str]) -> list[Path]:
             ax.legend()
             ax.grid(alpha=0.3)
         fig.suptitle(f"Merge sweep: {len(scored)} variants")
-        fig.tight_layout()
-        fig.savefig(out / "pareto.png", dpi=110)
-        plt.close(fig)
-        made.append(out / "pareto.png")
+        made.append(_save(fig, out / "pareto.png"))
     numeric = [a for a in axes if all(isinstance(r["values"].get(a), (int, float)) and not isinstance(r["values"].get(a), bool) for r in scored)]
     if numeric and texts and scored:
         x_axis = numeric[0]
@@ -161,10 +167,7 @@ def plot(out: Path, rows: Sequence[dict], axes: Sequence[str]) -> list[Path]:
             if others and len(series) <= 10:
                 ax.legend(fontsize=7)
         fig.suptitle(f"Trade-off along {x_axis}")
-        fig.tight_layout()
-        fig.savefig(out / "tradeoff.png", dpi=110)
-        plt.close(fig)
-        made.append(out / "tradeoff.png")
+        made.append(_save(fig, out / "tradeoff.png"))
     return made
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 from mergeserve.errors import ResourceError
+from mergeserve.serve.process import stop_process_tree
 
 
 def _free_port() -> int:
@@ -34,28 +34,6 @@ def _ready(url: str, names: list[str]) -> bool:
         return r.status_code == 200 and set(names) <= {m["id"] for m in r.json().get("data", [])}
     except (httpx.HTTPError, ValueError):
         return False
-
-
-def stop(proc: subprocess.Popen, timeout: float = 120) -> None:
-    """SIGTERM, wait, then kill by PID whatever the server started and left running."""
-    try:
-        import psutil
-
-        family = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-    except Exception:  # noqa: BLE001 - psutil missing or the process already gone
-        family = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(30)
-    for p in family:
-        try:
-            p.kill()
-        except Exception:  # noqa: BLE001 - already exited
-            pass
 
 
 def serve_and_loadtest(
@@ -91,4 +69,4 @@ def serve_and_loadtest(
         print(report.table())
         return {"url": url, "models": checkpoints, "out_dir": str(out), "report": json.loads(report.to_json())}
     finally:
-        stop(proc)
+        stop_process_tree(proc)

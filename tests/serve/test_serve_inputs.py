@@ -55,7 +55,8 @@ def test_fp8_serves_on_amx(merged_tiny, tmp_path):
 
     import httpx
 
-    from tests.serving_fixtures import free_port, stop_and_reap
+    from mergeserve.serve.process import stop_process_tree
+    from tests.serving_fixtures import free_port
 
     port = free_port()
     proc = subprocess.Popen(
@@ -75,7 +76,7 @@ def test_fp8_serves_on_amx(merged_tiny, tmp_path):
             time.sleep(2)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
     finally:
-        assert not stop_and_reap(proc)
+        assert not stop_process_tree(proc)
 
 
 @pytest.mark.slow
