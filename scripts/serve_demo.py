@@ -55,10 +55,25 @@ def main() -> int:
         return 1
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        # Greedy decoding of a model this small collapses to newlines; seeded sampling with a
+        # repetition penalty (a vLLM sampling parameter, passed through the OpenAI API) shows
+        # what it learned.
+        sampling = dict(temperature=0.7, top_p=0.95, seed=0, extra_body={"repetition_penalty": 1.3})
         question = "Write a Python function that reverses a list."
-        r = client.chat.completions.create(model="marcoro14-tiny", messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0)
-        print(f"\nuser: {question}\nmarcoro14-tiny: {r.choices[0].message.content!r}")
-        print(f"usage: {r.usage.prompt_tokens} prompt + {r.usage.completion_tokens} completion tokens\n")
+        r = client.chat.completions.create(model="marcoro14-tiny", messages=[{"role": "user", "content": question}],
+                                           max_tokens=48, **sampling)
+        print(f"\nchat: user: {question}\nmarcoro14-tiny: {r.choices[0].message.content!r}")
+        print(f"usage: {r.usage.prompt_tokens} prompt + {r.usage.completion_tokens} completion tokens")
+        prefix = "def reverse_list(items):\n"
+        print(f"\nstreamed completion of {prefix!r}:\n{prefix}", end="", flush=True)
+        stream = client.completions.create(model="marcoro14-tiny", prompt=prefix, max_tokens=48, stream=True,
+                                           stream_options={"include_usage": True}, **sampling)
+        chunks = 0
+        for chunk in stream:
+            if chunk.choices:
+                chunks += 1
+                print(chunk.choices[0].text, end="", flush=True)
+        print(f"\n[{chunks} streamed chunks]\n")
         print("(a 4M-parameter model trained for two minutes: expect Python-flavoured babble, not an answer)")
     finally:
         proc.send_signal(signal.SIGTERM)
