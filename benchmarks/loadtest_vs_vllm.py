@@ -3,7 +3,7 @@ one served tiny model, the same workload through both clients, alternating, seve
 
     PYTHONPATH=$PWD .venv/bin/python -m mergeserve.cli merge configs/tiny/marcoro14-slerp.yaml /tmp/lt-m14 \\
         --local --models-dir .cache/tiny-family
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/loadtest_vs_vllm.py /tmp/lt-m14 [--rounds 3] [--requests 64] \\
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/loadtest_vs_vllm.py /tmp/lt-m14 [--rounds 8] [--requests 256] \\
         [--concurrency 8] [--input-len 128] [--output-len 64]
 
 The server is vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``) on the
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--whole-process", action="store_true", help="run each client as its own process")
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=256, help="per run; 256 makes 6-7 s windows here (48 made 1.3 s ones, too short to compare)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
