@@ -21,6 +21,7 @@ family appears atomically (built in a sibling directory, then renamed).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -57,7 +58,14 @@ def _split(text: str, fraction: float) -> tuple[str, str]:
 
 
 def _train_tokenizer(texts: list[str], out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -149,13 +157,24 @@ def build_tiny_family(out, archs=ARCHS, force: bool = False, progress: bool = Tr
     """Build (or reuse) the family under ``out``; returns ``{arch: {"base"|"code"|"prose": Path}}``."""
     out = Path(out).absolute()
     archs = tuple(archs)
-    meta = out / "family.json"
-    if not force and meta.exists():
-        try:
-            if json.loads(meta.read_text()).get("key") == _key(archs):
-                return _paths(out, archs)
-        except ValueError:
-            pass  # unreadable record: rebuild
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent builders (test sessions, the demo) share one staging directory: the lock makes
+    # the later ones wait and then reuse what the first built.
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and _built(out, archs):
+            return _paths(out, archs)
+        return _build(out, archs, progress)
+
+
+def _built(out: Path, archs: tuple[str, ...]) -> bool:
+    try:
+        return json.loads((out / "family.json").read_text()).get("key") == _key(archs)
+    except (OSError, ValueError):  # absent or unreadable record: rebuild
+        return False
+
+
+def _build(out: Path, archs: tuple[str, ...], progress: bool) -> dict[str, dict[str, Path]]:
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
