@@ -16,6 +16,6 @@ def build_model_app(args: dict[str, Any]):
     """``args``: ``{"llm_config": LLMConfig dict}`` -> the model's Serve Application."""
     from ray.serve.llm import LLMConfig
 
-    from mergeserve.serve.ray_llm import direct_ingress_app
+    from mergeserve.serve.ray_llm_adapter import direct_ingress_app
 
     return direct_ingress_app(LLMConfig.model_validate(args["llm_config"]))

@@ -37,7 +37,7 @@ from mergeserve.serve.haproxy import (
     salted_key_hash,
 )
 
-# Set in the replicas of a one-machine server: their inter-deployment gRPC port binds 127.0.0.1 (serve/ray_llm.py).
+# Set in the replicas of a one-machine server: their inter-deployment gRPC port binds 127.0.0.1 (serve/ray_llm_adapter.py).
 LOOPBACK_ENV = "MERGESERVE_LOOPBACK_ONLY"
 WRAPPER = "mergeserve-haproxy"  # console script: serve/haproxy.py main
 # HAProxy's threads: the engines want the cores; one thread moves far more than a CPU engine makes.

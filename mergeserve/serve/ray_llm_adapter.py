@@ -1,22 +1,23 @@
-"""The project's one adapter onto Ray's private serving internals (Ray 2.60).
+"""The project's one adapter onto Ray Serve's serving internals (Ray 2.60), and why each is used.
 
-Why each is needed, and what tests/serve/test_ray_llm.py checks so that a Ray upgrade fails there
-first, naming the symbol:
+A model's application is its ``LLMServer`` as the ingress (``serve.ingress()`` without an app:
+Serve calls ``__serve_build_asgi_app__`` once the engine has started), so that its replica serves
+vLLM's own OpenAI app with no Python hop in front (Ray's "direct streaming"). Ray's public
+``build_openai_app`` does this for one model only, always puts its request-router deployment in
+front (a Python hop per request) and sets a request router class that Serve refuses behind
+HAProxy; mergeserve routes by model in HAProxy (serve/haproxy.py) and builds the application with
+the public ``ray.serve.llm.build_llm_deployment`` instead. What is not public:
 
-- ``build_llm_deployment`` (``ray.llm._internal.serve.core.server.builder``) with
-  ``serve.ingress()`` around the server class: a model's ``LLMServer`` as its application's
-  ingress, its replica serving vLLM's own OpenAI app (Ray's "direct streaming"). Ray's public
-  ``build_openai_app`` does this only for one model, always puts its request-router deployment in
-  front (a Python hop per request) and sets a request router class that Serve refuses behind
-  HAProxy; mergeserve routes by model in HAProxy (serve/haproxy.py) and balances replicas there.
-- ``LLMServer`` (``ray.llm._internal.serve.core.server.llm_server``): subclassed (same name, so
-  Serve's deployment and metric names stay ``LLMServer:<model>``) to put mergeserve's request
-  checks (serve/requests.py) in front of vLLM's app in ``__serve_build_asgi_app__``, the hook Ray
-  calls once the engine has started, and so that importing this module in the replica applies
-  the loopback binding below.
+- ``LLMServer.__serve_build_asgi_app__`` (a hook of Serve's late-bound ingress that Ray's
+  LLMServer implements): overridden to put mergeserve's request checks (serve/requests.py) in
+  front of vLLM's app. The subclass keeps the name, so Serve's deployment and metric names stay
+  ``LLMServer:<model>``.
 - ``add_port_to_grpc_server`` as imported by ``ray.serve._private.replica``: every replica opens
   an inter-deployment gRPC port on all interfaces (``[::]:0``), with no option to change it. On a
-  one-machine server (``MERGESERVE_LOOPBACK_ONLY=1``) it is bound to 127.0.0.1 instead.
+  one-machine server (``MERGESERVE_LOOPBACK_ONLY=1``) it is bound to 127.0.0.1 instead, when the
+  replica imports this module (the deployment class is pickled by reference).
+
+tests/serve/test_ray_llm_adapter.py fails, naming the symbol, when a Ray upgrade moves one.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from __future__ import annotations
 import os
 
 from ray import serve
-from ray.llm._internal.serve.core.server.builder import build_llm_deployment
-from ray.llm._internal.serve.core.server.llm_server import LLMServer as RayLLMServer
+from ray.serve.llm import build_llm_deployment
+from ray.serve.llm.deployment import LLMServer as RayLLMServer
 
 from mergeserve.serve.ingress import LOOPBACK_ENV
 
