@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import threading
 
@@ -36,8 +37,9 @@ def main() -> None:
 
     env = {**MODES[a.mode], "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()), "RAY_SERVE_HAPROXY_NBTHREAD": "1"}
-    run = f"/tmp/ray-serve-variant-{os.getpid()}"
-    os.makedirs(run, exist_ok=True)
+    from mergeserve.serve.ingress import new_run_dir
+
+    run = new_run_dir()  # short: HAProxy's socket paths are limited
     env.update({"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{run}/haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{run}/admin.sock",
                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run, "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{run}/state",
                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{run}/metrics.sock"})
@@ -64,6 +66,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(run, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,8 @@ def main() -> None:
             r = run_side(cmd, name, a)
             rounds[side].append(r)
             print(f"round {i + 1} {side:20s} start {r['startup_s']:6.1f} s  {r['output_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
-                  f"p90 {r['ttft_p90_ms']:7.1f} ms  1-stream TTFT p50 {r['single_ttft_p50_ms']:6.1f} ms  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+                  f"p90 {r['ttft_p90_ms']:7.1f} ms  1-stream TTFT p50 {r['single_ttft_p50_ms']:6.1f} ms  peak RSS {r['peak_rss_gib']:.2f} GiB"
+                  f"  CPU ms/request {json.dumps({k: round(v, 1) for k, v in r['cpu_ms_per_request'].items()})}", flush=True)
     results = {side: median_of(rs) for side, rs in rounds.items()}
     peer = rounds["vllm"]
     summary = {}
