@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from mergeserve.errors import ResumeError
-from mergeserve.merge.execute import ShardResult, TensorRecord
+from mergeserve.merge.executor import ShardResult
 from mergeserve.merge.plan import MergePlan
 from mergeserve.merge.reader import read_header
 
@@ -66,9 +66,7 @@ def load_done_shards(stage: Path, plan: MergePlan, inputs: dict[str, str]) -> di
         path = stage / shard.filename
         if not (rec_file.exists() and path.exists()):
             continue
-        raw = json.loads(rec_file.read_text())
-        raw["tensors"] = tuple(TensorRecord(t["name"], tuple(t["shape"]), t["dtype"], t["sha256"]) for t in raw["tensors"])
-        rec = ShardResult(**raw)
+        rec = ShardResult.from_dict(json.loads(rec_file.read_text()))
         if _verify(path, rec):
             done[shard.index] = rec
         else:

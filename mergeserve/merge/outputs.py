@@ -16,7 +16,7 @@ from typing import Sequence
 from mergeserve import __version__
 from mergeserve.errors import ConfigError, UnsupportedError
 from mergeserve.merge.config import MergeConfig, ModelRef
-from mergeserve.merge.execute import ShardResult
+from mergeserve.merge.executor import ShardResult
 from mergeserve.merge.plan import MergePlan
 from mergeserve.merge.reader import fingerprint
 

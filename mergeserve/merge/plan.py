@@ -29,7 +29,7 @@ from mergeserve.merge.config import DTYPE_ALIASES, MergeConfig
 from mergeserve.merge.methods.registry import MethodSpec, get_method
 from mergeserve.merge.params import MISSING, resolve
 from mergeserve.merge.quantize import FP8_BLOCK, fp8_scale_shape, is_fp8_target
-from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles
+from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles, tensor_nbytes
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<idx>\d+)\.(?P<suffix>.+)$")
 OUT_DTYPES = ("float32", "float16", "bfloat16", "fp8")
@@ -72,13 +72,7 @@ class TensorTask:
 
     @property
     def bytes_out(self) -> int:
-        total = 0
-        for _, dtype, shape in self.outputs():
-            n = ST_DTYPES[dtype][1]
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return sum(tensor_nbytes(dtype, shape) for _, dtype, shape in self.outputs())
 
 
 @dataclass(frozen=True)
@@ -91,6 +85,10 @@ class ShardTask:
     bytes_read: int
     bytes_written: int
     layers: tuple[int, ...] = ()
+
+    def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype code, shape) of every tensor of the file, in file order."""
+        return [e for t in self.tensors for e in t.outputs()]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,15 @@ ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
 }
 TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of safetensors dtype code ``dtype`` and ``shape``."""
+    n = ST_DTYPES[dtype][1]
+    for d in shape:
+        n *= d
+    return n
+
 _MAX_HEADER = 100 * 1024 * 1024
 
 

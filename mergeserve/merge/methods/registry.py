@@ -140,12 +140,15 @@ class MethodSpec:
         tensors: Sequence[torch.Tensor],
         base_index: int | None,
         param_sets: Sequence[dict[str, Any]],
-        generators: Sequence[torch.Tensor | None] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
     ) -> list[torch.Tensor]:
-        """One result per parameter set; uses ``many`` where the method has one (not random)."""
+        """One result per parameter set; uses ``many`` where the method has one (not random) and
+        there are several sets."""
+        gens = generators or [None] * len(param_sets)
+        if len(param_sets) == 1:
+            return [self(tensors, base_index, generator=gens[0], **param_sets[0])]
         if self.many is not None and not self.random and not self.fixed:
             return self.many(tensors, base_index, list(param_sets))
-        gens = generators or [None] * len(param_sets)
         return [self(tensors, base_index, generator=g, **p) for p, g in zip(param_sets, gens)]
 
 
