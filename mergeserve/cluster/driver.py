@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import inspect
 import os
-import queue
 import socket
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergeserve.errors import ClusterError, ConfigError, InputError, MergeServeError, ResourceError
+from mergeserve.errors import ClusterError, ConfigError, InputError, ResourceError
 
 if TYPE_CHECKING:
     from mergeserve.merge.api import MergeResult
@@ -149,15 +149,15 @@ def shutdown_embedded() -> None:
     ray.shutdown()
 
 
-def cluster_workers(requested: int | None) -> tuple[int, dict[str, float], str]:
-    """(number of actors, resources per actor, device) from the cluster's resources."""
-    import ray
-
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    if gpus:
-        return max(1, requested or gpus), {"num_gpus": 1, "num_cpus": 1}, "cuda"
-    return max(1, requested or int(res.get("CPU", 1))), {"num_cpus": 1}, "cpu"
+@contextmanager
+def ray_session(address: str | None):
+    """Ray connected (see :func:`connect`) for the block; an embedded cluster is stopped after it."""
+    own = connect(address)
+    try:
+        yield own
+    finally:
+        if own:
+            shutdown_embedded()
 
 
 def _auto_shard_size(config: Any, workers_hint: int, **kw: Any) -> int:
@@ -180,64 +180,90 @@ def merge_distributed(
     overwrite: bool = False,
     progress: bool = True,
     **plan_kw: Any,
-) -> "MergeResult":
+) -> MergeResult:
     """Merge on Ray. ``plan_kw``: out_dtype, models_dir, allow_pickle, seed (see merge.api.merge)."""
+    from mergeserve.cluster.pool import check_worker_count
+
     t0 = time.perf_counter()
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers: must be at least 1, got {workers}")
-    # Plan on a helper thread while Ray starts on this one. (Not the other way round: Ray ties
-    # its GCS and raylet to the starting thread with PR_SET_PDEATHSIG, so a Ray started on a
-    # short-lived thread dies with that thread.) With an embedded Ray, the planning thread then
-    # starts merging parts itself until the actors are up (see cluster.work).
-    box: dict[str, Any] = {}
-    embedded = threading.Event()
-    decided = threading.Event()
-
-    def _prepare():
-        try:
-            box["prep"] = _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overwrite, plan_kw)
-            decided.wait()
-            if embedded.is_set() and device == "cpu":
-                prep = box["prep"]
-                prep["work"].start_helpers(prep["plan"], str(prep["stage"].path))
-        except BaseException as e:  # noqa: BLE001 - re-raised on this thread
-            box["err"] = e
-
-    planner = threading.Thread(target=_prepare, name="mergeserve-plan", daemon=True)
-    planner.start()
-    own, actors, work = False, [], None
+    check_worker_count(workers)
+    prep = _Preparation(config, out_dir, workers, resume, device, out_shard_size, overwrite, plan_kw)
     try:
         import ray
 
-        if address is None and not ray.is_initialized():
-            embedded.set()
-        decided.set()
-        own = connect(address)
-        # Start the actors now: their imports overlap the rest of the planning.
-        n, resources, dev = cluster_workers(workers)
-        from mergeserve.cluster.actors import MergeWorker
+        prep.decide(helpers=address is None and not ray.is_initialized() and device == "cpu")
+        with ray_session(address):
+            from mergeserve.cluster.actors import MergeWorker
+            from mergeserve.cluster.pool import WorkerPool
 
-        actors = [MergeWorker.options(max_restarts=-1, max_task_retries=3, **resources).remote(dev) for _ in range(n)]
-        planner.join()
-        if "err" in box:
-            raise box["err"]
-        work = box["prep"]["work"]
-        return _run(box["prep"], actors, progress, t0)
+            pool = WorkerPool.for_cluster(MergeWorker, workers)  # their start-up overlaps the rest of the planning
+            try:
+                return _run(prep.result(), pool, progress, t0)
+            finally:
+                prep.stop()
+                pool.shutdown()
     finally:
-        decided.set()
-        planner.join()
-        work = work or box.get("prep", {}).get("work")
-        if work is not None:
-            work.stop_helpers(wait=True)
-        import ray
-
-        for a in actors:
-            ray.kill(a)
-        if own:
-            shutdown_embedded()
+        prep.stop()
 
 
-def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overwrite, plan_kw) -> dict:
+@dataclass
+class _Run:
+    """What the merge needs once planned: see :func:`_prepare_run`."""
+
+    cfg: Any
+    text: str
+    plan: Any
+    stage: Any
+    done: dict  # shard index -> ShardResult reused from an interrupted run
+    work: Any  # the PartQueue
+
+
+class _Preparation:
+    """Plans on a helper thread while Ray starts on the caller's.
+
+    (Not the other way round: Ray ties its GCS and raylet to the starting thread with
+    PR_SET_PDEATHSIG, so a Ray started on a short-lived thread dies with that thread.) Told to by
+    :meth:`decide` (an embedded Ray), the planning thread then starts the driver's helpers,
+    which merge parts until the actors are up (see cluster.work).
+    """
+
+    def __init__(self, *args: Any):
+        self._decided = threading.Event()
+        self._helpers = False
+        self._run: _Run | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._prepare, args=args, name="mergeserve-plan", daemon=True)
+        self._thread.start()
+
+    def _prepare(self, *args: Any) -> None:
+        try:
+            self._run = _prepare_run(*args)
+            self._decided.wait()
+            if self._helpers:
+                self._run.work.start_helpers(self._run.plan, str(self._run.stage.path))
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._error = e
+
+    def decide(self, helpers: bool) -> None:
+        if not self._decided.is_set():
+            self._helpers = helpers
+            self._decided.set()
+
+    def result(self) -> _Run:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._run is not None
+        return self._run
+
+    def stop(self) -> None:
+        """Wait for the planning thread, then for the helpers' parts in progress."""
+        self.decide(False)
+        self._thread.join()
+        if self._run is not None:
+            self._run.work.stop_helpers(wait=True)
+
+
+def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overwrite, plan_kw) -> _Run:
     """Everything before the first tensor: plan, staging directory, resume check, parts, shard files."""
     from mergeserve.cluster.parts import prepare_shard, split_parts
     from mergeserve.cluster.resume import load_done_shards, write_run_state
@@ -261,25 +287,25 @@ def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overw
     for s in todo:
         prepare_shard(stage.path, s)
     parts = split_parts(todo, max(workers or 0, os.cpu_count() or 1))
-    return {"cfg": cfg, "text": text, "plan": plan, "stage": stage, "done": done, "work": PartQueue(parts), "resume": resume}
+    return _Run(cfg, text, plan, stage, done, PartQueue(parts))
 
 
-def _run(prep, actors, progress, t0):
+def _run(run: _Run, pool, progress: bool, t0: float) -> MergeResult:
     from mergeserve.merge.api import MergeResult, _progress
     from mergeserve.merge.execute import peak_rss_bytes
     from mergeserve.merge.outputs import write_metadata
 
-    plan, stage, done, work = prep["plan"], prep["stage"], prep["done"], prep["work"]
-    results = list(done.values())
+    plan, stage, work = run.plan, run.stage, run.work
+    results = list(run.done.values())
     parts = []
     keep_partial = True
     try:
         with _progress(plan, progress) as bar:
             bar.update(sum(r.bytes_written for r in results))
             if work.parts:
-                shard_results, parts = _dispatch(plan, work, actors, str(stage.path), bar)
+                shard_results, parts = _dispatch(plan, work, pool, str(stage.path), bar)
                 results += shard_results
-        write_metadata(stage.path, prep["cfg"], prep["text"], plan, results, seconds=time.perf_counter() - t0)
+        write_metadata(stage.path, run.cfg, run.text, plan, results, seconds=time.perf_counter() - t0)
         for s in plan.shards:  # resume records are not part of the checkpoint
             (stage.path / f".{s.filename}.done.json").unlink(missing_ok=True)
         (stage.path / ".mergeserve-run.json").unlink(missing_ok=True)
@@ -303,21 +329,22 @@ def _run(prep, actors, progress, t0):
             workers_rss[r.worker] = max(workers_rss.get(r.worker, 0), r.peak_rss)
     local = [r for r in parts if r.worker == "driver"]
     return MergeResult(
-        out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), workers_rss, len(done),
+        out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), workers_rss, len(run.done),
         driver_parts=len(local), driver_bytes=sum(r.part.bytes_written for r in local), parts=len(parts),
     )
 
 
-def _dispatch(plan, work, actors, out_dir: str, bar) -> tuple[list, list]:
-    """Run the parts on the actors (each one part at a time) and, until the actors are ready, on
-    the driver's helper threads; returns (ShardResults, PartResults).
+def _dispatch(plan, work, pool, out_dir: str, bar) -> tuple[list, list]:
+    """Run the parts on the pool's actors (each one part at a time) and, until the actors are
+    ready, on the driver's helper threads; returns (ShardResults, PartResults).
 
-    Each part's shard is tracked so that any failure names it. Ray retries a task whose actor
-    died (``max_task_retries``) on the restarted actor; what still fails is raised here.
+    Each part's shard is named in any failure. Ray retries a task whose actor died on the
+    restarted actor (see cluster.pool); what still fails is raised here.
     """
     import ray
 
     from mergeserve.cluster.parts import ShardAssembler
+    from mergeserve.cluster.pool import map_ray_error
 
     asm = ShardAssembler(plan, work.parts, out_dir)
     plan_ref = ray.put(plan)
@@ -325,70 +352,34 @@ def _dispatch(plan, work, actors, out_dir: str, bar) -> tuple[list, list]:
     # queued behind an actor's start-up is one the helpers could have done). Otherwise every actor
     # gets its first part at once, so that parts spread over the cluster's nodes from the start.
     if work.helpers_busy:
-        starting, idle = {a.ready.remote(): a for a in actors}, []
-    else:
-        starting, idle = {}, list(actors)
-    running, parts = {}, []
+        pool.hold_until_ready()
+    parts = []
 
     def finished(res) -> None:
         parts.append(res)
         bar.update(res.part.bytes_written)
         asm.add(res)
 
+    def label(part) -> str:
+        return f"shard {plan.shards[part.shard].filename}"
+
     while not asm.done:
-        while True:  # parts the driver's helpers finished
-            try:
-                part, res = work.events.get_nowait()
-            except queue.Empty:
-                break
+        for part, res in work.finished():  # parts the driver's helpers finished
             if isinstance(res, BaseException):
-                raise _map_ray_error(res, plan.shards[part.shard].filename) from None
+                raise map_ray_error(res, label(part)) from None
             finished(res)
         if asm.done:
             break
-        while idle and (part := work.take()) is not None:
-            actor = idle.pop()
-            running[actor.run_part.remote(plan_ref, part, out_dir)] = (actor, part)
-        refs = list(running) + list(starting)
-        if not refs:
+        while pool.idle and (part := work.take()) is not None:
+            pool.submit("run_part", (plan_ref, part, out_dir), part, label(part))
+        if not pool.busy:
             if not work.helpers_busy and work.events.empty():
                 raise ResourceError("merge stalled: no merge worker is running and parts are left")
             time.sleep(0.02)
             continue
-        ready, _ = ray.wait(refs, num_returns=1, timeout=0.02 if work.helpers_busy else None)
-        for ref in ready:
-            if ref in starting:
-                actor = starting.pop(ref)
-                try:
-                    ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - mapped to our error types
-                    raise _map_ray_error(e, "(none yet: the merge worker failed to start)") from None
-                idle.append(actor)
-                if not starting:
-                    work.stop_helpers()  # every actor is up: they take the remaining parts
-                continue
-            actor, part = running.pop(ref)
-            try:
-                res = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - mapped to our error types
-                raise _map_ray_error(e, plan.shards[part.shard].filename) from None
-            finished(res)
-            idle.append(actor)
+        got = pool.next(timeout=0.02 if work.helpers_busy else None)
+        if not pool.starting:
+            work.stop_helpers()  # every actor is up: they take the remaining parts
+        if got is not None:
+            finished(got[1])
     return asm.results, parts
-
-
-def _map_ray_error(e: Exception, shard: str) -> MergeServeError:
-    """Ray wraps task failures: unwrap ours; name the shard for out-of-memory and lost workers."""
-    import ray.exceptions as rex
-
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, MergeServeError):
-        return cause
-    if isinstance(e, MergeServeError):
-        return e
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, rex.OutOfMemoryError):
-        return ResourceError(f"shard {shard}: a merge worker ran out of memory ({msg})")
-    if isinstance(e, (rex.RayActorError, rex.WorkerCrashedError)):
-        return ResourceError(f"shard {shard}: the merge worker died and retries were exhausted ({msg})")
-    return ResourceError(f"shard {shard}: merge failed ({msg})")

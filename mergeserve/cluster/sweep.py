@@ -49,45 +49,6 @@ class SweepRun:
             f.write(json.dumps(row, default=str) + "\n")
 
 
-class _Pool:
-    """Jobs on idle actors; each job is (method name, args, context). Errors name the context."""
-
-    def __init__(self, actors: list):
-        self.idle = list(actors)
-        self.queue: list[tuple[str, tuple, Any]] = []
-        self.running: dict = {}
-
-    def submit(self, method: str, args: tuple, ctx: Any) -> None:
-        self.queue.append((method, args, ctx))
-
-    def _start(self) -> None:
-        while self.idle and self.queue:
-            actor = self.idle.pop()
-            method, args, ctx = self.queue.pop(0)
-            self.running[getattr(actor, method).remote(*args)] = (actor, ctx)
-
-    def next(self) -> tuple[Any, Any]:
-        """(context, result) of the next finished job."""
-        import ray
-
-        self._start()
-        [ref], _ = ray.wait(list(self.running), num_returns=1)
-        actor, ctx = self.running.pop(ref)
-        self.idle.append(actor)
-        try:
-            res = ray.get(ref)
-        except Exception as e:  # noqa: BLE001 - mapped to our error types, naming the job
-            from mergeserve.cluster.driver import _map_ray_error
-
-            raise _map_ray_error(e, str(ctx)) from None
-        self._start()
-        return ctx, res
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.queue or self.running)
-
-
 def prepare(spec_path: str | Path, out_dir: str | Path, *, models_dir: str | None = None, resume: bool = False):
     """Every check that needs no Ray; returns (spec, root, recipe, texts, models_dir, planned or None)."""
     from mergeserve.eval.perplexity import read_texts
@@ -145,8 +106,9 @@ def run_sweep(
 ) -> dict:
     """Run a sweep; returns the summary written to ``OUT/results.json``."""
     t0 = time.perf_counter()
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers: must be at least 1, got {workers}")
+    from mergeserve.cluster.pool import check_worker_count
+
+    check_worker_count(workers)
     if serve_top < 0:
         raise ConfigError(f"--serve-top: must be at least 0, got {serve_top}")
     spec, root, recipe, texts, mdir, planned, shard = prepare(spec_path, out_dir, models_dir=models_dir, resume=resume)
@@ -155,37 +117,31 @@ def run_sweep(
     run = SweepRun(out, spec, texts, shard, {"max_length": spec.eval.max_length, "max_tokens": spec.eval.max_tokens,
                                       "backend": spec.eval.backend, "lm_eval_tasks": spec.eval.lm_eval_tasks})
     done = _load_done(out) if resume else {}
-    import ray
     from tqdm import tqdm
 
-    from mergeserve.cluster.driver import cluster_workers, connect
+    from mergeserve.cluster.driver import ray_session
+    from mergeserve.cluster.pool import WorkerPool
     from mergeserve.cluster.sweep_worker import SweepWorker
 
-    own = connect(address)
-    actors: list = []
-    try:
-        n, resources, dev = cluster_workers(workers)
-        actors = [SweepWorker.options(max_restarts=-1, max_task_retries=3, **resources).remote(dev) for _ in range(n)]
-        pool = _Pool(actors)
-        total = len(planned) if planned is not None else (spec.search.budget or 0)
-        with tqdm(total=total, desc="variants", unit="variant", position=0, disable=not progress, dynamic_ncols=True) as vbar, \
-             tqdm(desc="shards", unit="shard", position=1, disable=not progress, dynamic_ncols=True, leave=False) as sbar:
-            if planned is not None:
-                _run_variants(run, pool, planned, done, vbar, sbar)
-            else:
-                _run_adaptive(run, pool, recipe, mdir, done, vbar, sbar)
-        top = _top(run, serve_top, mdir)
-        if top and spec.output == "none":  # the winners were scored in memory: write them now
-            from mergeserve.sweep.variants import batches
+    with ray_session(address):
+        pool = WorkerPool.for_cluster(SweepWorker, workers)
+        try:
+            total = len(planned) if planned is not None else (spec.search.budget or 0)
+            with tqdm(total=total, desc="variants", unit="variant", position=0, disable=not progress, dynamic_ncols=True) as vbar, \
+                 tqdm(desc="shards", unit="shard", position=1, disable=not progress, dynamic_ncols=True, leave=False) as sbar:
+                if planned is not None:
+                    _run_variants(run, pool, planned, done, vbar, sbar)
+                else:
+                    _run_adaptive(run, pool, recipe, mdir, done, vbar, sbar)
+            top = _top(run, serve_top, mdir)
+            if top and spec.output == "none":  # the winners were scored in memory: write them now
+                from mergeserve.sweep.variants import batches
 
-            read = run.bytes_read  # not part of the sweep's own reads
-            _write_checkpoints(run, pool, batches(top, len(top)), sbar=None)
-            run.bytes_read = read
-    finally:
-        for a in actors:
-            ray.kill(a)
-        if own:
-            ray.shutdown()
+                read = run.bytes_read  # not part of the sweep's own reads
+                _write_checkpoints(run, pool, batches(top, len(top)), sbar=None)
+                run.bytes_read = read
+        finally:
+            pool.shutdown()
     axes = [ax.label for ax in spec.axes]
     rows = list(run.rows.values())
     summary_extra = {
@@ -220,13 +176,18 @@ def _load_done(out: Path) -> dict[str, dict]:
     return done
 
 
+def _names(batch: list) -> str:
+    """A batch's variants in an error message: v003, or v003-v010."""
+    return batch[0].name if len(batch) == 1 else f"{batch[0].name}-{batch[-1].name}"
+
+
 def _row(pv, scores: dict | None, checkpoint: str | None, extra: dict | None = None) -> dict:
     from mergeserve.sweep.variants import variant_record
 
     return {**variant_record(pv), "scores": scores, "checkpoint": checkpoint, **(extra or {})}
 
 
-def _run_variants(run: SweepRun, pool: _Pool, planned: list, done: dict, vbar, sbar) -> None:
+def _run_variants(run: SweepRun, pool, planned: list, done: dict, vbar, sbar) -> None:
     """Merge (and score) every planned variant not finished before; record duplicates too."""
     from mergeserve.sweep.variants import batches
 
@@ -242,7 +203,7 @@ def _run_variants(run: SweepRun, pool: _Pool, planned: list, done: dict, vbar, s
     groups = batches(todo, run.spec.batch_size)
     if run.spec.output == "none":
         for b in groups:
-            pool.submit("merge_score", ([pv.plan for pv in b], run.texts, run.eval_opts), ("batch", b))
+            pool.submit("merge_score", ([pv.plan for pv in b], run.texts, run.eval_opts), ("batch", b), f"batch {_names(b)}")
         sbar.reset(total=sum(len(b[0].plan.shards) for b in groups))
         while pool.busy:
             (_, b), (scores, read) = pool.next()
@@ -260,7 +221,7 @@ def _run_variants(run: SweepRun, pool: _Pool, planned: list, done: dict, vbar, s
             vbar.update(1)
 
 
-def _write_checkpoints(run: SweepRun, pool: _Pool, groups: list, sbar, vbar=None, score: bool = False) -> None:
+def _write_checkpoints(run: SweepRun, pool, groups: list, sbar, vbar=None, score: bool = False) -> None:
     """Merge batches to OUT/variants/NAME shard by shard; score each checkpoint once committed."""
     from mergeserve.cluster.sweep_worker import checkpoint_dir
     from mergeserve.merge.outputs import write_metadata
@@ -272,8 +233,9 @@ def _write_checkpoints(run: SweepRun, pool: _Pool, groups: list, sbar, vbar=None
             stages[pv.name] = StagingDir(checkpoint_dir(run.out, pv.name), overwrite=True)
             results[pv.name], left[pv.name] = [], len(pv.plan.shards)
         for k in range(len(b[0].plan.shards)):
+            filename = b[0].plan.shards[k].filename
             pool.submit("merge_shard", ([pv.plan for pv in b], k, [str(stages[pv.name].path) for pv in b]),
-                        ("shard", b, k, b[0].plan.shards[k].filename))
+                        ("shard", b), f"shard {filename} of batch {_names(b)}")
     if sbar is not None:
         sbar.reset(total=sum(len(b[0].plan.shards) for b in groups))
     try:
@@ -285,7 +247,7 @@ def _write_checkpoints(run: SweepRun, pool: _Pool, groups: list, sbar, vbar=None
                 if vbar is not None:
                     vbar.update(1)
                 continue
-            _, b, _, _ = ctx
+            _, b = ctx
             shard_results, read = res
             run.bytes_read += read
             if sbar is not None:
@@ -297,7 +259,7 @@ def _write_checkpoints(run: SweepRun, pool: _Pool, groups: list, sbar, vbar=None
                     write_metadata(stages[pv.name].path, pv.config, pv.recipe_text, pv.plan, results[pv.name], seconds=0.0)
                     path = str(stages[pv.name].commit())
                     if score:
-                        pool.submit("score_dir", (path, run.texts, run.eval_opts), ("score", pv, path))
+                        pool.submit("score_dir", (path, run.texts, run.eval_opts), ("score", pv, path), f"variant {pv.name}")
                     else:
                         prev = run.rows.get(pv.name, {})
                         run.record({**_row(pv, prev.get("scores"), path), "lm_eval": prev.get("lm_eval")})
@@ -310,7 +272,7 @@ def _write_checkpoints(run: SweepRun, pool: _Pool, groups: list, sbar, vbar=None
         raise
 
 
-def _run_adaptive(run: SweepRun, pool: _Pool, recipe: dict, mdir, done: dict, vbar, sbar) -> None:
+def _run_adaptive(run: SweepRun, pool, recipe: dict, mdir, done: dict, vbar, sbar) -> None:
     from mergeserve.sweep.search import AdaptiveSearch, objective_value
     from mergeserve.sweep.variants import make_variant, plan_variants
 

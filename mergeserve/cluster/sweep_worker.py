@@ -12,42 +12,22 @@ of the same inputs and tokenizes the evaluation texts once. Its tasks:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import ray
+from mergeserve.cluster.actors import Worker
 
 
 def _bytes_read(plan, shard_index: int) -> int:
     return plan.shards[shard_index].bytes_read
 
 
-class SweepWorkerImpl:
-    """The actor's logic as a plain class (also runnable in-process, which tests use)."""
+class SweepWorker(Worker):
+    """Merges and scores batches of variants (also runnable in-process, outside Ray)."""
 
     def __init__(self, device: str = "cpu"):
-        from mergeserve.merge import execute
-
-        execute.tune_malloc()
-        self.device = device
-        self._sources = None
-        self._models: tuple | None = None
+        super().__init__(device)
         self._texts: dict[tuple, list] = {}
-        try:
-            self.name = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
-        except Exception:  # noqa: BLE001 - not inside Ray
-            self.name = f"local:{os.getpid()}"
-
-    def _sources_for(self, plan):
-        from mergeserve.merge.execute import SourceCache
-
-        if self._models != plan.models:
-            if self._sources is not None:
-                self._sources.close()
-            self._sources = SourceCache(plan.models)
-            self._models = plan.models
-        return self._sources
 
     def _tokenized(self, tokenizer_dir: str, texts: dict[str, str], max_length: int, max_tokens: int | None) -> list:
         from mergeserve.eval.perplexity import load_tokenizer, tokenize_texts
@@ -61,7 +41,7 @@ class SweepWorkerImpl:
         """Shard ``shard_index`` of each plan, written under ``out_dirs``; (ShardResults, bytes read)."""
         from mergeserve.merge.multi import run_shard_many
 
-        res = run_shard_many(plans, shard_index, out_dirs, sources=self._sources_for(plans[0]), device=self.device, worker=self.name)
+        res = run_shard_many(plans, shard_index, out_dirs, sources=self.sources_for(plans[0]), device=self.device, worker=self.name)
         return res, _bytes_read(plans[0], shard_index)
 
     def merge_score(self, plans: Sequence[Any], texts: dict[str, str], eval_opts: dict) -> tuple[list[dict], int]:
@@ -69,7 +49,7 @@ class SweepWorkerImpl:
         from mergeserve.eval.perplexity import model_from_tensors, score_model
         from mergeserve.merge.multi import run_shard_many
 
-        sources = self._sources_for(plans[0])
+        sources = self.sources_for(plans[0])
         tensors: list[dict] = [{} for _ in plans]
         read = 0
         for k in range(len(plans[0].shards)):
@@ -102,13 +82,6 @@ class SweepWorkerImpl:
 
             out["lm_eval"] = run_lm_eval(model_dir, eval_opts["lm_eval_tasks"], device=self.device)
         return out
-
-    def close(self) -> None:
-        if self._sources is not None:
-            self._sources.close()
-
-
-SweepWorker = ray.remote(SweepWorkerImpl)
 
 
 def checkpoint_dir(out: Path, name: str) -> Path:

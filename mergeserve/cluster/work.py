@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 from collections import deque
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from mergeserve.cluster.parts import Part, PartResult, run_part
 
@@ -30,6 +30,14 @@ class PartQueue:
         self._local_open = True
         self._helpers: list[threading.Thread] = []
         self.events: queue.Queue = queue.Queue()  # (Part, PartResult | BaseException) from helpers
+
+    def finished(self) -> Iterator[tuple[Part, PartResult | BaseException]]:
+        """The helpers' results (or errors) that arrived since the last call."""
+        while True:
+            try:
+                yield self.events.get_nowait()
+            except queue.Empty:
+                return
 
     def take(self) -> Part | None:
         with self._lock:
