@@ -268,7 +268,7 @@ def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overw
     from mergeserve.cluster.parts import prepare_shard, split_parts
     from mergeserve.cluster.resume import load_done_shards, write_run_state
     from mergeserve.cluster.work import PartQueue
-    from mergeserve.merge.api import _check_device, plan_merge
+    from mergeserve.merge.api import check_device, plan_merge
     from mergeserve.merge.reader import fingerprint
     from mergeserve.merge.writer import StagingDir
 
@@ -277,7 +277,7 @@ def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overw
         size = _auto_shard_size(config, workers or os.cpu_count() or 1, **plan_kw)
     cfg, text, plan = plan_merge(config, out_shard_size=size, **plan_kw)
     if device != "cpu":
-        _check_device(device)
+        check_device(device)
     stage = StagingDir(out_dir, overwrite=overwrite or resume, resume=resume)
     inputs = {m.ref: fingerprint(m.path) for m in plan.models}
     done = load_done_shards(stage.path, plan, inputs) if resume else {}
@@ -291,7 +291,7 @@ def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overw
 
 
 def _run(run: _Run, pool, progress: bool, t0: float) -> MergeResult:
-    from mergeserve.merge.api import MergeResult, _progress
+    from mergeserve.merge.api import MergeResult, progress_bar
     from mergeserve.merge.execute import peak_rss_bytes
     from mergeserve.merge.outputs import write_metadata
 
@@ -300,7 +300,7 @@ def _run(run: _Run, pool, progress: bool, t0: float) -> MergeResult:
     parts = []
     keep_partial = True
     try:
-        with _progress(plan, progress) as bar:
+        with progress_bar(plan, progress) as bar:
             bar.update(sum(r.bytes_written for r in results))
             if work.parts:
                 shard_results, parts = _dispatch(plan, work, pool, str(stage.path), bar)

@@ -108,7 +108,8 @@ class MergeResult:
         return "\n".join(lines)
 
 
-def _progress(plan: MergePlan, enabled: bool):
+def progress_bar(plan: MergePlan, enabled: bool):
+    """A bar over the bytes the plan writes (update it with each tensor's or part's bytes)."""
     from tqdm import tqdm
 
     return tqdm(
@@ -136,13 +137,13 @@ def merge(
         config, out_shard_size=out_shard_size, out_dtype=out_dtype, models_dir=models_dir,
         allow_pickle=allow_pickle, seed=seed,
     )
-    _check_device(device)
+    check_device(device)
     threads = (os.cpu_count() or 1) if device == "cpu" else 2
     stage = StagingDir(out_dir, overwrite=overwrite)
     sources = SourceCache(plan.models, allow_pickle=allow_pickle)
     results: list[ShardResult] = []
     try:
-        with _progress(plan, progress) as bar:
+        with progress_bar(plan, progress) as bar:
             for shard in plan.shards:
                 results.append(
                     run_shard(plan, shard, stage.path, sources=sources, device=device, on_tensor=bar.update, threads=threads)
@@ -157,7 +158,8 @@ def merge(
     return MergeResult(out, plan, results, time.perf_counter() - t0, peak_rss_bytes())
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any work."""
     if device == "cpu":
         return
     import torch

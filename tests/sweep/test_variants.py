@@ -136,7 +136,7 @@ def test_plan_only_lists_variants_and_shared_reads(tmp_path, tiny_dir):
 
 
 def test_every_sweep_in_configs_validates(tiny_dir, tmp_path):
-    from mergeserve.cluster.sweep import prepare
+    from mergeserve.sweep.runner import prepare
 
     specs = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
     assert len(specs) >= 3

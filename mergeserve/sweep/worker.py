@@ -12,7 +12,6 @@ of the same inputs and tokenizes the evaluation texts once. Its tasks:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 from mergeserve.cluster.actors import Worker
@@ -83,6 +82,3 @@ class SweepWorker(Worker):
             out["lm_eval"] = run_lm_eval(model_dir, eval_opts["lm_eval_tasks"], device=self.device)
         return out
 
-
-def checkpoint_dir(out: Path, name: str) -> Path:
-    return out / "variants" / name

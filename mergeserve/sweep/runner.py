@@ -4,7 +4,8 @@
    variant (grid and random searches) before any work: bad axes, empty grids, a budget below 1,
    missing evaluation files and invalid variants (named) fail here, with every problem at once.
 2. Identical variants (equal plans) are merged once; the others are grouped by structure into
-   batches of ``batch_size``. A batch is merged shard by shard on Ray actors: each task reads a
+   batches of ``batch_size``. A batch is merged shard by shard on the cluster's worker pool
+   (:mod:`mergeserve.cluster.pool`, actors of :mod:`mergeserve.sweep.worker`): each task reads a
    shard's source tensors ONCE and computes that shard for every variant of the batch, so each
    source byte is read ceil(variants / batch_size) times instead of once per variant.
 3. ``output: none`` scores each batch in memory on the actor that merged it (nothing written);
@@ -121,7 +122,7 @@ def run_sweep(
 
     from mergeserve.cluster.driver import ray_session
     from mergeserve.cluster.pool import WorkerPool
-    from mergeserve.cluster.sweep_worker import SweepWorker
+    from mergeserve.sweep.worker import SweepWorker
 
     with ray_session(address):
         pool = WorkerPool.for_cluster(SweepWorker, workers)
@@ -223,14 +224,13 @@ def _run_variants(run: SweepRun, pool, planned: list, done: dict, vbar, sbar) ->
 
 def _write_checkpoints(run: SweepRun, pool, groups: list, sbar, vbar=None, score: bool = False) -> None:
     """Merge batches to OUT/variants/NAME shard by shard; score each checkpoint once committed."""
-    from mergeserve.cluster.sweep_worker import checkpoint_dir
     from mergeserve.merge.outputs import write_metadata
     from mergeserve.merge.writer import StagingDir
 
     stages, results, left = {}, {}, {}
     for b in groups:
         for pv in b:
-            stages[pv.name] = StagingDir(checkpoint_dir(run.out, pv.name), overwrite=True)
+            stages[pv.name] = StagingDir(run.out / "variants" / pv.name, overwrite=True)
             results[pv.name], left[pv.name] = [], len(pv.plan.shards)
         for k in range(len(b[0].plan.shards)):
             filename = b[0].plan.shards[k].filename
