@@ -6,7 +6,8 @@ middlewares on the ingress's FastAPI app (bearer-token auth when a key is set, a
 requests that fail before their first byte), and the LLM deployments use our ``LLMServer``
 subclass, which sends a stream's first chunk without Ray's batching delay (see llm_server.py). The OpenAI layer itself (routes, streaming, usage, 4xx on bad requests) is Ray's and
 vLLM's. :func:`build_app` takes a plain dict, so ``serve deploy`` can call it from a config file
-(``import_path: mergeserve.serve.builder:build_app``).
+(``import_path: mergeserve.serve.builder:build_app``). Ray's internals it needs are imported
+through :mod:`mergeserve.serve.ray_llm_adapter`.
 """
 
 from __future__ import annotations
@@ -93,19 +94,17 @@ class RetryBeforeFirstByte:
 def build_app(args: dict[str, Any]):
     """``args``: ``{"llm_configs": [LLMConfig dicts], "api_key": str | None}`` -> Serve Application."""
     from ray import serve
-    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
-    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
-    from ray.serve.llm import LLMConfig
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
     from mergeserve.serve.llm_server import LLMServer
+    from mergeserve.serve.ray_llm_adapter import ingress_app, maybe_apply_llm_deployment_config_defaults, to_model_metadata
 
     configs = [LLMConfig.model_validate(c) for c in args["llm_configs"]]
     names = [c.model_id for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
-    app = init()
+    app = ingress_app()
     app.add_middleware(RetryBeforeFirstByte)
     if args.get("api_key"):  # added last, so it runs first: unauthenticated requests are never retried
         app.add_middleware(BearerAuth, api_key=args["api_key"])

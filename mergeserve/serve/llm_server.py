@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import AsyncGenerator, List, TypeVar
 
-from ray.llm._internal.serve.core.server.llm_server import LLMServer as RayLLMServer
-from ray.llm._internal.serve.utils.batcher import Batcher
+from ray.serve.llm.deployment import LLMServer as RayLLMServer
+
+from mergeserve.serve.ray_llm_adapter import Batcher
 
 T = TypeVar("T")
 
