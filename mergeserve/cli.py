@@ -34,27 +34,31 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _cmd_merge(a: argparse.Namespace) -> int:
-    common = dict(
-        out_shard_size=a.out_shard_size, out_dtype=a.out_dtype, models_dir=a.models_dir,
-        allow_pickle=a.allow_pickle, seed=a.seed,
+def _merge_options(a: argparse.Namespace):
+    from mergeserve.merge.options import MergeOptions
+
+    return MergeOptions(
+        device=a.device, out_shard_size=a.out_shard_size, out_dtype=a.out_dtype, models_dir=a.models_dir,
+        allow_pickle=a.allow_pickle, seed=a.seed, overwrite=a.overwrite, progress=not a.quiet,
+        address=a.address, workers=a.workers, resume=a.resume,
     )
+
+
+def _cmd_merge(a: argparse.Namespace) -> int:
+    options = _merge_options(a)
     if a.plan_only:
         from mergeserve.merge.api import plan_merge
 
-        print(plan_merge(a.config, **common)[2].describe())
+        print(plan_merge(a.config, options)[2].describe())
         return 0
     if a.local:
         from mergeserve.merge.api import merge
 
-        result = merge(a.config, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet, **common)
+        result = merge(a.config, a.out, options)
     else:
         from mergeserve.cluster.driver import merge_distributed
 
-        result = merge_distributed(
-            a.config, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet,
-            address=a.address, workers=a.workers, resume=a.resume, **common,
-        )
+        result = merge_distributed(a.config, a.out, options)
     print(result.summary())
     return 0
 

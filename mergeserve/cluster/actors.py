@@ -24,7 +24,6 @@ class Worker:
         self.device = device
         self.name = worker_name()
         self._sources: Any = None
-        self._models: tuple | None = None
 
     def ready(self) -> str:
         """Returns once the actor has started (its engine imported): the pool hands it jobs then."""
@@ -34,16 +33,15 @@ class Worker:
         """A SourceCache of ``plan``'s inputs, reused while tasks read the same models."""
         from mergeserve.merge.execute import SourceCache
 
-        if self._models != plan.models:
+        if self._sources is None or not self._sources.serves(plan):
             self.close()
-            self._sources = SourceCache(plan.models)
-            self._models = plan.models
+            self._sources = SourceCache(plan)
         return self._sources
 
     def close(self) -> None:
         if self._sources is not None:
             self._sources.close()
-        self._sources = self._models = None
+        self._sources = None
 
 
 class MergeWorker(Worker):

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from mergeserve.errors import ClusterError, ConfigError, InputError, ResourceErr
 
 if TYPE_CHECKING:
     from mergeserve.merge.api import MergeResult
+    from mergeserve.merge.options import MergeOptions
 
 # torch and the merge engine are imported on the planning thread, while Ray starts on this one:
 # both take seconds, and a short merge is dominated by such fixed costs.
@@ -160,44 +161,36 @@ def ray_session(address: str | None):
             shutdown_embedded()
 
 
-def _auto_shard_size(config: Any, workers_hint: int, **kw: Any) -> int:
-    """Enough shards for every worker to stay busy, each holding whole layers, at most 5 GB."""
+def _auto_shard_size(config: Any, options: MergeOptions) -> int:
+    """Enough shards for every worker to stay busy (AUTO_SHARDS_PER_WORKER each), whole layers."""
     from mergeserve.merge.api import plan_merge
+    from mergeserve.merge.options import NO_SHARDING, auto_shard_size
 
-    _, _, probe = plan_merge(config, out_shard_size=10**15, **kw)
-    return max(1, min(5_000_000_000, probe.bytes_written // max(1, workers_hint * AUTO_SHARDS_PER_WORKER)))
+    _, _, probe = plan_merge(config, options, out_shard_size=NO_SHARDING)
+    return auto_shard_size(probe.bytes_written, (options.workers or os.cpu_count() or 1) * AUTO_SHARDS_PER_WORKER)
 
 
-def merge_distributed(
-    config: Any,
-    out_dir: str | Path,
-    *,
-    address: str | None = None,
-    workers: int | None = None,
-    resume: bool = False,
-    device: str = "cpu",
-    out_shard_size: str | int | None = "auto",
-    overwrite: bool = False,
-    progress: bool = True,
-    **plan_kw: Any,
-) -> MergeResult:
-    """Merge on Ray. ``plan_kw``: out_dtype, models_dir, allow_pickle, seed (see merge.api.merge)."""
+def merge_distributed(config: Any, out_dir: str | Path, options: MergeOptions | None = None, **changes: Any) -> MergeResult:
+    """Merge on Ray, following ``options`` or its fields given as keywords (see
+    :class:`~mergeserve.merge.options.MergeOptions`); ``out_shard_size`` defaults to AUTO here."""
     from mergeserve.cluster.pool import check_worker_count
+    from mergeserve.merge.options import MergeOptions
 
     t0 = time.perf_counter()
-    check_worker_count(workers)
-    prep = _Preparation(config, out_dir, workers, resume, device, out_shard_size, overwrite, plan_kw)
+    o = MergeOptions.of(options, **changes)
+    check_worker_count(o.workers)
+    prep = _Preparation(config, out_dir, o)
     try:
         import ray
 
-        prep.decide(helpers=address is None and not ray.is_initialized() and device == "cpu")
-        with ray_session(address):
+        prep.decide(helpers=o.address is None and not ray.is_initialized() and o.device == "cpu")
+        with ray_session(o.address):
             from mergeserve.cluster.actors import MergeWorker
             from mergeserve.cluster.pool import WorkerPool
 
-            pool = WorkerPool.for_cluster(MergeWorker, workers)  # their start-up overlaps the rest of the planning
+            pool = WorkerPool.for_cluster(MergeWorker, o.workers)  # their start-up overlaps the rest of the planning
             try:
-                return _run(prep.result(), pool, progress, t0)
+                return _run(prep.result(), pool, o.progress, t0)
             finally:
                 prep.stop()
                 pool.shutdown()
@@ -263,30 +256,30 @@ class _Preparation:
             self._run.work.stop_helpers(wait=True)
 
 
-def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overwrite, plan_kw) -> _Run:
+def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> _Run:
     """Everything before the first tensor: plan, staging directory, resume check, parts, shard files."""
     from mergeserve.cluster.parts import prepare_shard, split_parts
     from mergeserve.cluster.resume import load_done_shards, write_run_state
     from mergeserve.cluster.work import PartQueue
     from mergeserve.merge.api import check_device, plan_merge
+    from mergeserve.merge.options import AUTO
     from mergeserve.merge.reader import fingerprint
     from mergeserve.merge.writer import StagingDir
 
-    size = out_shard_size
-    if size in (None, "auto"):
-        size = _auto_shard_size(config, workers or os.cpu_count() or 1, **plan_kw)
-    cfg, text, plan = plan_merge(config, out_shard_size=size, **plan_kw)
-    if device != "cpu":
-        check_device(device)
-    stage = StagingDir(out_dir, overwrite=overwrite or resume, resume=resume)
+    if o.out_shard_size in (None, AUTO):
+        o = replace(o, out_shard_size=_auto_shard_size(config, o))
+    cfg, text, plan = plan_merge(config, o)
+    if o.device != "cpu":
+        check_device(o.device)
+    stage = StagingDir(out_dir, overwrite=o.overwrite or o.resume, resume=o.resume)
     inputs = {m.ref: fingerprint(m.path) for m in plan.models}
-    done = load_done_shards(stage.path, plan, inputs) if resume else {}
-    if not resume:
+    done = load_done_shards(stage.path, plan, inputs) if o.resume else {}
+    if not o.resume:
         write_run_state(stage.path, plan, inputs)
     todo = [s for s in plan.shards if s.index not in done]
     for s in todo:
         prepare_shard(stage.path, s)
-    parts = split_parts(todo, max(workers or 0, os.cpu_count() or 1))
+    parts = split_parts(todo, max(o.workers or 0, os.cpu_count() or 1))
     return _Run(cfg, text, plan, stage, done, PartQueue(parts))
 
 

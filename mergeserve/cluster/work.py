@@ -60,7 +60,7 @@ class PartQueue:
         """Merge parts on ``threads`` driver threads (default: one per CPU) until :meth:`stop_helpers`."""
         from mergeserve.merge.execute import SourceCache
 
-        sources = SourceCache(plan.models)
+        sources = SourceCache(plan)
         left = [threads or os.cpu_count() or 1]
 
         def helper() -> None:

@@ -22,7 +22,7 @@ import torch
 
 from mergeserve.errors import InputError, ResourceError
 from mergeserve.merge.methods.registry import get_method
-from mergeserve.merge.plan import ModelInput, TensorTask
+from mergeserve.merge.plan import MergePlan, ModelInput, TensorTask
 from mergeserve.merge.quantize import FP8_BLOCK, quantize_fp8_block
 from mergeserve.merge.reader import ST_DTYPES, ModelFiles
 
@@ -58,11 +58,15 @@ def peak_rss_bytes() -> int:
 
 
 class SourceCache:
-    """Open :class:`ModelFiles` per model, reused across shards in one process."""
+    """Open :class:`ModelFiles` of a plan's input models, reused across shards in one process.
 
-    def __init__(self, models: Sequence[ModelInput], allow_pickle: bool = False):
-        self.models = models
-        self.allow_pickle = allow_pickle
+    Built from the plan, so that every reader honours how the planner read the inputs
+    (``allow_pickle``).
+    """
+
+    def __init__(self, plan: MergePlan):
+        self.models: Sequence[ModelInput] = plan.models
+        self.allow_pickle = plan.allow_pickle
         self._files: dict[int, ModelFiles] = {}
         self._lock = threading.Lock()
 
@@ -73,6 +77,10 @@ class SourceCache:
                 m = self.models[i]
                 f = self._files[i] = ModelFiles(m.path, allow_pickle=self.allow_pickle, label=m.ref)
             return f
+
+    def serves(self, plan: MergePlan) -> bool:
+        """Whether this cache reads ``plan``'s inputs as ``plan`` says to."""
+        return self.models == plan.models and self.allow_pickle == plan.allow_pickle
 
     def close(self) -> None:
         for f in self._files.values():

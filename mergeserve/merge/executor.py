@@ -191,7 +191,7 @@ def sources_for(plan: MergePlan, sources: SourceCache | None) -> Iterator[Source
     if sources is not None:
         yield sources
         return
-    own = SourceCache(plan.models)
+    own = SourceCache(plan)
     try:
         yield own
     finally:

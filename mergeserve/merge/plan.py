@@ -27,13 +27,13 @@ import torch
 from mergeserve.errors import ConfigError, InputError, UnsupportedError
 from mergeserve.merge.config import DTYPE_ALIASES, MergeConfig
 from mergeserve.merge.methods.registry import MethodSpec, get_method
+from mergeserve.merge.options import DEFAULT_SHARD_SIZE
 from mergeserve.merge.params import MISSING, resolve
 from mergeserve.merge.quantize import FP8_BLOCK, fp8_scale_shape, is_fp8_target
 from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles, tensor_nbytes
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<idx>\d+)\.(?P<suffix>.+)$")
 OUT_DTYPES = ("float32", "float16", "bfloat16", "fp8")
-DEFAULT_SHARD_SIZE = 5_000_000_000
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,7 @@ class MergePlan:
     out_dtype: str
     seed: int
     fingerprint: str = ""  # hash of the recipe + plan, for --resume
+    allow_pickle: bool = False  # the inputs may be pickle checkpoints (--allow-pickle): every reader honours it
     meta: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -184,6 +185,7 @@ class Planner:
         self.spec: MethodSpec = get_method(config.merge_method)
         self.shard_size = shard_size
         self.seed = seed
+        self.allow_pickle = allow_pickle
         self.problems: list[str] = []
         self.out_dtype_arg = out_dtype or config.out_dtype
         if self.out_dtype_arg is not None and self.out_dtype_arg not in OUT_DTYPES and self.out_dtype_arg not in DTYPE_ALIASES:
@@ -404,6 +406,7 @@ class Planner:
             out_dtype=str(out_dtype),
             seed=self.seed,
             fingerprint=fp,
+            allow_pickle=self.allow_pickle,
         )
 
     def _shard(self, units: list[tuple[int | None, list[TensorTask]]]) -> tuple[ShardTask, ...]:

@@ -5,9 +5,9 @@ OpenAI ingress routing by model name) with two additions Ray's builder has no ho
 middlewares on the ingress's FastAPI app (bearer-token auth when a key is set, and a retry of
 requests that fail before their first byte), and the LLM deployments use our ``LLMServer``
 subclass, which sends a stream's first chunk without Ray's batching delay (see llm_server.py). The OpenAI layer itself (routes, streaming, usage, 4xx on bad requests) is Ray's and
-vLLM's. :func:`build_app` takes a plain dict, so ``serve deploy`` can call it from a config file
-(``import_path: mergeserve.serve.builder:build_app``). Ray's internals it needs are imported
-through :mod:`mergeserve.serve.ray_llm_adapter`.
+vLLM's. :func:`build_app` takes :class:`AppArgs`, or the same as a mapping, so ``serve deploy``
+can call it from a config file (``import_path: mergeserve.serve.builder:build_app``). Ray's
+internals it needs are imported through :mod:`mergeserve.serve.ray_llm_adapter`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import asyncio
 import hmac
 import json
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 OPEN_PATHS = ("/-/healthz", "/-/routes")
 
@@ -91,8 +93,17 @@ class RetryBeforeFirstByte:
             await asyncio.sleep(1.0)
 
 
-def build_app(args: dict[str, Any]):
-    """``args``: ``{"llm_configs": [LLMConfig dicts], "api_key": str | None}`` -> Serve Application."""
+class AppArgs(BaseModel):
+    """The application: one ``ray.serve.llm`` LLMConfig (as a mapping) per model, and the API key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    llm_configs: list[dict[str, Any]]
+    api_key: str | None = None
+
+
+def build_app(args: AppArgs | dict[str, Any]):
+    """``args`` (an :class:`AppArgs`, or its mapping from a config file) -> Serve Application."""
     from ray import serve
     from ray.serve.llm import LLMConfig, build_llm_deployment
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
@@ -100,14 +111,15 @@ def build_app(args: dict[str, Any]):
     from mergeserve.serve.llm_server import LLMServer
     from mergeserve.serve.ray_llm_adapter import ingress_app, maybe_apply_llm_deployment_config_defaults, to_model_metadata
 
-    configs = [LLMConfig.model_validate(c) for c in args["llm_configs"]]
+    args = AppArgs.model_validate(args)
+    configs = [LLMConfig.model_validate(c) for c in args.llm_configs]
     names = [c.model_id for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
     app = ingress_app()
     app.add_middleware(RetryBeforeFirstByte)
-    if args.get("api_key"):  # added last, so it runs first: unauthenticated requests are never retried
-        app.add_middleware(BearerAuth, api_key=args["api_key"])
+    if args.api_key:  # added last, so it runs first: unauthenticated requests are never retried
+        app.add_middleware(BearerAuth, api_key=args.api_key)
     ingress = make_fastapi_ingress(OpenAiIngress, app=app)
 
     options = maybe_apply_llm_deployment_config_defaults(OpenAiIngress.get_deployment_options(configs), {})

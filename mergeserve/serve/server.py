@@ -17,11 +17,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import yaml
 
 from mergeserve.errors import ClusterError, InputError
+from mergeserve.serve.builder import AppArgs
 from mergeserve.serve.engine import STREAM_INTERVAL_MS, Checkpoint, check_fp8_support, inspect_checkpoint, llm_config
 from mergeserve.serve.process import reap
 
@@ -69,7 +69,7 @@ def _local_gpus() -> bool:
         return False
 
 
-def app_args(opts: ServeOptions, ckpts: list[Checkpoint], accelerator: str, check_hardware: bool = True) -> dict[str, Any]:
+def app_args(opts: ServeOptions, ckpts: list[Checkpoint], accelerator: str, check_hardware: bool = True) -> AppArgs:
     for c in ckpts:
         if check_hardware:
             check_fp8_support(c, accelerator, opts.quantize_fp8)
@@ -82,7 +82,7 @@ def app_args(opts: ServeOptions, ckpts: list[Checkpoint], accelerator: str, chec
         )
         for c in ckpts
     ]
-    return {"llm_configs": configs, "api_key": opts.api_key}
+    return AppArgs(llm_configs=configs, api_key=opts.api_key)
 
 
 def emit_config(opts: ServeOptions, path: str) -> str:
@@ -94,7 +94,7 @@ def emit_config(opts: ServeOptions, path: str) -> str:
         "applications": [{
             "name": APP_NAME, "route_prefix": "/", "import_path": "mergeserve.serve.builder:build_app",
             # the target cluster's hardware is not this machine's: no local FP8 check here
-            "args": app_args(opts, ckpts, accelerator, check_hardware=False),
+            "args": app_args(opts, ckpts, accelerator, check_hardware=False).model_dump(),
         }],
     }
     text = "# Ray Serve config written by `mergeserve serve --emit-config`; deploy with `serve deploy`.\n"

@@ -24,7 +24,8 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
         from mergeserve.sweep.runner import prepare
         from mergeserve.sweep.variants import batches
 
-        spec, _, _, _, _, planned, _ = prepare(a.spec, a.out, models_dir=a.models_dir, resume=True)
+        prep = prepare(a.spec, a.out, models_dir=a.models_dir, resume=True)
+        spec, planned = prep.spec, prep.planned
         if planned is None:
             print(f"{spec.search.kind} search: budget {spec.search.budget}, batches of {spec.batch_size} (variants chosen while running)")
             return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from mergeserve.cluster.actors import Worker
+from mergeserve.sweep.spec import Eval
 
 
 def _bytes_read(plan, shard_index: int) -> int:
@@ -43,7 +44,7 @@ class SweepWorker(Worker):
         res = run_shard_many(plans, shard_index, out_dirs, sources=self.sources_for(plans[0]), device=self.device, worker=self.name)
         return res, _bytes_read(plans[0], shard_index)
 
-    def merge_score(self, plans: Sequence[Any], texts: dict[str, str], eval_opts: dict) -> tuple[list[dict], int]:
+    def merge_score(self, plans: Sequence[Any], texts: dict[str, str], evaluation: Eval) -> tuple[list[dict], int]:
         """Every shard of each plan in memory, then each variant scored; (scores per plan, bytes read)."""
         from mergeserve.eval.perplexity import model_from_tensors, score_model
         from mergeserve.merge.multi import run_shard_many
@@ -56,7 +57,7 @@ class SweepWorker(Worker):
                 acc.update(part)
             read += _bytes_read(plans[0], k)
         tok_dir = plans[0].models[plans[0].donor].path
-        tokenized = self._tokenized(tok_dir, texts, eval_opts["max_length"], eval_opts["max_tokens"])
+        tokenized = self._tokenized(tok_dir, texts, evaluation.max_length, evaluation.max_tokens)
         scores = []
         for plan, ts in zip(plans, tensors):
             model = model_from_tensors(plan.out_config, ts).to(self.device)
@@ -64,10 +65,10 @@ class SweepWorker(Worker):
             del model
         return scores, read
 
-    def score_dir(self, model_dir: str, texts: dict[str, str], eval_opts: dict) -> dict:
+    def score_dir(self, model_dir: str, texts: dict[str, str], evaluation: Eval) -> dict:
         """{"scores": {text: score}, "lm_eval": {...}?} of a written checkpoint (transformers or vLLM)."""
-        tokenized = self._tokenized(model_dir, texts, eval_opts["max_length"], eval_opts["max_tokens"])
-        if eval_opts.get("backend") == "vllm":
+        tokenized = self._tokenized(model_dir, texts, evaluation.max_length, evaluation.max_tokens)
+        if evaluation.backend == "vllm":
             from mergeserve.eval.vllm_backend import score_checkpoint_vllm
 
             got = score_checkpoint_vllm(model_dir, tokenized, device=self.device)
@@ -76,9 +77,9 @@ class SweepWorker(Worker):
 
             got = score_checkpoint(model_dir, tokenized, device=self.device)
         out: dict = {"scores": {k: v.as_dict() for k, v in got.items()}}
-        if eval_opts.get("lm_eval_tasks"):
+        if evaluation.lm_eval_tasks:
             from mergeserve.eval.harness import run_lm_eval
 
-            out["lm_eval"] = run_lm_eval(model_dir, eval_opts["lm_eval_tasks"], device=self.device)
+            out["lm_eval"] = run_lm_eval(model_dir, evaluation.lm_eval_tasks, device=self.device)
         return out
 

@@ -43,7 +43,7 @@ def test_stop_after_a_position_keeps_exactly_the_positions_done(random_models):
     _, _, plan = plan_merge(SLERP, models_dir=random_models["root"])
     tasks = plan.shards[0].tensors[:5]
     sink, asked = MemorySink(), []
-    sources = SourceCache(plan.models)
+    sources = SourceCache(plan)
     try:
         done, _ = Executor(sources).run(
             [plan.method], [(t,) for t in tasks], [sink], label="x", should_stop=lambda: len(asked) == 2 or asked.append(1)
