@@ -19,7 +19,6 @@ Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
 
 from __future__ import annotations
 
-import inspect
 import os
 import socket
 import threading
@@ -54,49 +53,6 @@ def _probe(address: str, timeout: float = 3.0) -> None:
         raise ClusterError(f"--address {address}: Ray cluster unreachable ({e.strerror or e})") from None
 
 
-@contextmanager
-def _lean_head_node():
-    """While ``ray.init`` starts an embedded cluster: no autoscaler monitor, no log monitor, no
-    API server.
-
-    None has work here: nothing to autoscale; ``log_to_driver=False``; and with
-    ``include_dashboard=False`` the API server process runs only Ray's usage-stats module. On a
-    small machine their start-up competes with the merge (together about 2 CPU-seconds measured
-    here), and the monitor alone held ``ray.shutdown`` for 1 s (it outlasts the SIGTERM grace
-    period). ``ray.init`` has no options for them; the node parameters it builds (``RayParams``)
-    do for the monitors, and the API server is started by one method of the head node. If Ray's
-    internals differ from what is expected here, nothing is changed and Ray starts them as usual.
-    """
-    try:
-        from ray._private import node, parameter
-
-        orig_params = parameter.RayParams.__init__
-        orig_api = node.Node.start_api_server
-        if not {"no_monitor", "include_log_monitor"} <= set(inspect.signature(orig_params).parameters):
-            raise LookupError
-    except Exception:  # noqa: BLE001 - see above
-        yield
-        return
-
-    def lean_params(self, *args, **kwargs):
-        kwargs["no_monitor"] = True
-        kwargs["include_log_monitor"] = False
-        orig_params(self, *args, **kwargs)
-
-    def no_api_server(self, *args, **kwargs):
-        if kwargs.get("include_dashboard"):
-            return orig_api(self, *args, **kwargs)
-        return None
-
-    parameter.RayParams.__init__ = lean_params
-    node.Node.start_api_server = no_api_server
-    try:
-        yield
-    finally:
-        parameter.RayParams.__init__ = orig_params
-        node.Node.start_api_server = orig_api
-
-
 def connect(address: str | None) -> bool:
     """Initialise Ray; returns True if this call started a local cluster (to shut it down after)."""
     import ray
@@ -105,13 +61,14 @@ def connect(address: str | None) -> bool:
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address is None:
-        with _lean_head_node():
+        from mergeserve.cluster.ray_adapter import lean_head_node
+
+        with lean_head_node():
             ray.init(  # "local": a new embedded cluster even if RAY_ADDRESS or a running one is found
                 address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                 _node_ip_address="127.0.0.1", configure_logging=False,
                 # Ray runs workers at nice 15 by default; here they are the merge itself, and at
-                # 15 they lost the CPU to everything else, the driver's helper threads included
-                # (measured: an actor took 18 s to start beside them).
+                # 15 they lost the CPU to everything else, the driver's helper threads included.
                 _system_config={"worker_niceness": 0},
             )
         return True
@@ -128,25 +85,16 @@ def shutdown_embedded() -> None:
     """Stop the embedded cluster this process started, and wait for its processes to exit.
 
     ``ray.shutdown`` stops the processes one by one, each with SIGTERM and up to 1 s of grace
-    before SIGKILL. The autoscaler monitor does not exit on SIGTERM within that second (measured
-    here: ``ray.shutdown`` 1.4 s, 1.0 s of it waiting on the monitor). :func:`_lean_head_node`
+    before SIGKILL, which the autoscaler monitor outlasts. :func:`~mergeserve.cluster.ray_adapter.lean_head_node`
     normally keeps it from starting; should it run anyway, it gets SIGKILL first (an embedded
     cluster has nothing for it to scale). ``ray.shutdown`` then stops the rest (raylet and its
     workers, GCS, dashboard) as usual.
     """
     import ray
 
-    try:
-        from ray._private import worker as ray_worker
-        from ray._private.ray_constants import PROCESS_TYPE_MONITOR
+    from mergeserve.cluster.ray_adapter import kill_monitor
 
-        node = ray_worker._global_node
-        for info in node.all_processes.get(PROCESS_TYPE_MONITOR, []) if node is not None else []:
-            if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(5)
-    except Exception:  # noqa: BLE001 - Ray's internals moved: ray.shutdown still stops it, only slower
-        pass
+    kill_monitor()
     ray.shutdown()
 
 
