@@ -3,7 +3,7 @@
 Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
 
 1. Validate the recipe and every input header, build the plan (no Ray needed). Ray start-up runs
-   in a background thread meanwhile, so its ~2 s overlap with planning.
+   in a background thread meanwhile, so that the two overlap.
 2. Connect: a local Ray sized to this machine when no ``--address``; ``auto`` or ``ray://host:port``
    (or ``host:port``) joins an existing cluster. An unreachable address fails within seconds.
 3. Each shard is cut into parts (runs of whole tensors, see :mod:`~mergeserve.cluster.parts`),
@@ -232,6 +232,7 @@ def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> _Run:
 
 
 def _run(run: _Run, pool, progress: bool, t0: float) -> MergeResult:
+    from mergeserve.cluster.resume import clear_run_state
     from mergeserve.merge.api import MergeResult, progress_bar
     from mergeserve.merge.execute import peak_rss_bytes
     from mergeserve.merge.outputs import write_metadata
@@ -247,9 +248,7 @@ def _run(run: _Run, pool, progress: bool, t0: float) -> MergeResult:
                 shard_results, parts = _dispatch(plan, work, pool, str(stage.path), bar)
                 results += shard_results
         write_metadata(stage.path, run.cfg, run.text, plan, results, seconds=time.perf_counter() - t0)
-        for s in plan.shards:  # resume records are not part of the checkpoint
-            (stage.path / f".{s.filename}.done.json").unlink(missing_ok=True)
-        (stage.path / ".mergeserve-run.json").unlink(missing_ok=True)
+        clear_run_state(stage.path, plan)
         out = stage.commit()
     except (InputError, ConfigError, ResourceError):
         keep_partial = False

@@ -13,13 +13,13 @@ rewrites the same bytes: every tensor is a deterministic function of the plan.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mergeserve.cluster.resume import write_done_record
 from mergeserve.merge.execute import SourceCache, peak_rss_bytes
 from mergeserve.merge.executor import Executor, ShardResult, TensorRecord, tensor_records
 from mergeserve.merge.plan import MergePlan, ShardTask
@@ -46,11 +46,6 @@ class PartResult:
     seconds: float
     peak_rss: int  # bytes, of the process that merged it
     worker: str
-
-
-def result_path(out_dir: str | Path, filename: str) -> Path:
-    """Where a finished shard's record (tensor names, shapes, sha256) is kept for --resume."""
-    return Path(out_dir) / f".{filename}.done.json"
 
 
 def split_parts(shards: Sequence[ShardTask], workers: int) -> list[Part]:
@@ -131,11 +126,7 @@ class ShardAssembler:
             shard.index, shard.filename, tuple(t for r in got for t in r.tensors), shard.bytes_read, shard.bytes_written,
             sum(r.seconds for r in got), max(r.peak_rss for r in got), ",".join(workers),
         )
-        # The record is written after the shard's rename: a record on disk implies a complete shard.
-        rec = result_path(self.out_dir, shard.filename)
-        tmp = tmp_path(rec)
-        tmp.write_text(json.dumps(asdict(result)))
-        os.replace(tmp, rec)
+        write_done_record(self.out_dir, result)
         self.results.append(result)
         return result
 

@@ -3,10 +3,9 @@
 With an embedded Ray (no ``--address``), ``ray.init`` and the actors' start-up (each imports
 torch) take seconds on a small machine. The driver has planned and imported the engine by then,
 so helper threads in the driver merge parts from the same queue meanwhile; once every actor is
-ready the helpers stop at the next tensor and the actors do the rest. (The helpers run at normal
-priority: on a machine shared with other work, a lower-priority helper starved and its tensor in
-progress became the tail of the whole merge, measured here.) Results of both kinds reach the
-dispatcher (on the main thread) as events, so shard completion and errors are handled in one place.
+ready the helpers stop at the next tensor and the actors do the rest. The helpers run at normal
+priority: a lower-priority helper starves on a machine shared with other work, and its tensor in
+progress becomes the tail of the whole merge. Results of both kinds reach the dispatcher (on the main thread) as events, so shard completion and errors are handled in one place.
 """
 
 from __future__ import annotations
@@ -73,8 +72,8 @@ class PartQueue:
                     except BaseException as e:  # noqa: BLE001 - handed to the dispatcher
                         res = e
                     if isinstance(res, PartResult) and res.part.stop < part.stop:
-                        # Stopped between tensors: the actors are up and take the rest (at our
-                        # lower priority the rest of the part would otherwise be the merge's tail).
+                        # Stopped between tensors: the actors are up and take the rest (one helper
+                        # thread finishing the part beside busy actors would be the merge's tail).
                         self._give_back(Part(part.shard, res.part.stop, part.stop, part.bytes_written - res.part.bytes_written))
                     self.events.put((part, res))
                     if isinstance(res, BaseException):

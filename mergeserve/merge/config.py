@@ -5,7 +5,7 @@ The YAML a user pastes from a model card (``slices`` / ``models``, ``merge_metho
 ``tokenizer_source`` / ``tokenizer``, ``chat_template``) parses into :class:`MergeConfig`.
 Structural problems are collected by pydantic; :func:`load_config` turns them all into ONE
 :class:`~mergeserve.errors.ConfigError` whose message names every field. Semantic checks that
-need the method registry or the input models' ``config.json`` live in :mod:`.validate`.
+need the method registry or the input models' files are the planner's (:mod:`mergeserve.merge.plan`).
 """
 
 from __future__ import annotations

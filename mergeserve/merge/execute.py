@@ -90,7 +90,7 @@ class SourceCache:
 
 def load_inputs(task: TensorTask, sources: SourceCache, device: str = "cpu", dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """The task's source tensors, shape-checked and cast to its compute dtype on ``device``."""
-    dtype = dtype or ST_DTYPES[task.compute_dtype][0]
+    dtype = dtype or ST_DTYPES[task.compute_dtype].torch
     inputs = []
     for m, name in task.sources:
         t = sources[m].get(name)
@@ -124,7 +124,7 @@ def finish_tensor(task: TensorTask, out: torch.Tensor, inputs: Sequence[torch.Te
     if task.quantize == FP8_BLOCK:
         q, s = quantize_fp8_block(out)
         return [(task.name, q.cpu()), (task.scale_name, s.cpu())]
-    return [(task.name, out.to(dtype=ST_DTYPES[task.out_dtype][0]).cpu())]
+    return [(task.name, out.to(dtype=ST_DTYPES[task.out_dtype].torch).cpu())]
 
 
 def compute_position(
@@ -142,7 +142,7 @@ def compute_position(
     results: list[Outputs] = [[] for _ in tasks]
     for (method, base_index, dtype), idx in groups.items():
         if dtype not in cast:
-            cast[dtype] = load_inputs(tasks[idx[0]], sources, device, ST_DTYPES[dtype][0])
+            cast[dtype] = load_inputs(tasks[idx[0]], sources, device, ST_DTYPES[dtype].torch)
         inputs = cast[dtype]
         outs = get_method(method).call_many(
             inputs, base_index, [task_params(tasks[i]) for i in idx], [task_generator(tasks[i], device) for i in idx]

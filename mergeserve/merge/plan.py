@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from mergeserve.merge.config import DTYPE_ALIASES, MergeConfig
 from mergeserve.merge.methods.registry import MethodSpec, get_method
 from mergeserve.merge.options import DEFAULT_SHARD_SIZE
 from mergeserve.merge.params import MISSING, resolve
-from mergeserve.merge.quantize import FP8_BLOCK, fp8_scale_shape, is_fp8_target
+from mergeserve.merge.quantize import BLOCK, FP8_BLOCK, fp8_scale_shape, is_fp8_target
 from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles, tensor_nbytes
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<idx>\d+)\.(?P<suffix>.+)$")
@@ -103,7 +103,6 @@ class MergePlan:
     seed: int
     fingerprint: str = ""  # hash of the recipe + plan, for --resume
     allow_pickle: bool = False  # the inputs may be pickle checkpoints (--allow-pickle): every reader honours it
-    meta: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def bytes_read(self) -> int:
@@ -335,7 +334,7 @@ class Planner:
             out = _st_dtype(od)
         else:
             out = compute
-        if not ST_DTYPES[compute][0].is_floating_point:
+        if not ST_DTYPES[compute].torch.is_floating_point:
             out, quant = compute, None
         seed = None
         if self.spec.random:
@@ -441,7 +440,7 @@ class Planner:
                 "quant_method": "fp8",
                 "fmt": "e4m3",
                 "activation_scheme": "dynamic",
-                "weight_block_size": [128, 128],
+                "weight_block_size": [BLOCK, BLOCK],
             }
             od = "bfloat16"
         if od:

@@ -222,10 +222,9 @@ class SlotWriter(_QueuedWriter):
 
     The 4 KiB-aligned interior of each tensor is written with ``O_DIRECT`` (through an aligned
     bounce buffer), the unaligned ends (and everything, where the filesystem refuses
-    ``O_DIRECT``, e.g. tmpfs) through the page cache. Measured here, a buffered write of 2.2 GB
-    costs about 4 CPU-seconds in the kernel (filling fresh page-cache pages) against 0.3-0.5 for
-    the same bytes written direct; on a 2-core machine that is a large share of a merge. Pages
-    shared by two tensors are only ever written buffered, so writers never mix the two paths on
+    ``O_DIRECT``, e.g. tmpfs) through the page cache: a buffered write costs the kernel several times
+    the CPU of a direct one (it fills fresh page-cache pages), a large share of a merge on a small
+    machine. Pages shared by two tensors are only ever written buffered, so writers never mix the two paths on
     one page.
     """
 

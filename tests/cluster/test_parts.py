@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from mergeserve.cluster.parts import ShardAssembler, prepare_shard, result_path, run_part, split_parts
+from mergeserve.cluster.parts import ShardAssembler, prepare_shard, run_part, split_parts
+from mergeserve.cluster.resume import done_record
 from mergeserve.merge.api import merge, plan_merge
 from mergeserve.merge.execute import SourceCache
 
@@ -54,7 +55,7 @@ def test_shard_from_parts_in_reverse_order_equals_single_process(random_models, 
     for s in plan.shards:
         assert (out / s.filename).read_bytes() == (reference.out_dir / s.filename).read_bytes()
         assert not (out / f"{s.filename}.tmp").exists()
-        record = json.loads(result_path(out, s.filename).read_text())
+        record = json.loads(done_record(out, s.filename).read_text())
         want = {r.name: r.sha256 for r in next(x for x in reference.shards if x.index == s.index).tensors}
         assert {t["name"]: t["sha256"] for t in record["tensors"]} == want
 

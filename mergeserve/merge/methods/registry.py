@@ -18,8 +18,9 @@ A method may also give ``many``: the same function for several parameter sets ov
 inputs (``many(tensors, base_index, [params, ...]) -> [Tensor, ...]``), each result bit-identical
 to a separate call, for merge sweeps that share work across variants (slerp's norms and angle).
 
-Each method file calls :func:`register` exactly once with a :class:`MethodSpec`; there is no
-second registration path.
+Each method file registers its methods with :func:`register` (a :class:`MethodSpec` each; the
+task-arithmetic family registers its presets in a loop); a name registered twice is an error,
+and there is no second registration path.
 """
 
 from __future__ import annotations
