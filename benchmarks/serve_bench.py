@@ -121,7 +121,8 @@ def cpu_by_role(pid: int) -> dict[str, float]:
 
 def start(cmd: list[str], url: str, model: str) -> tuple[subprocess.Popen, float, RssWatch]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     watch = RssWatch(proc.pid)
     watch.start()
     while True:
@@ -188,7 +189,8 @@ def main() -> None:
             r = run_side(cmd, name, a)
             rounds[side].append(r)
             print(f"round {i + 1} {side:20s} start {r['startup_s']:6.1f} s  {r['output_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
-                  f"p90 {r['ttft_p90_ms']:7.1f} ms  1-stream TTFT p50 {r['single_ttft_p50_ms']:6.1f} ms  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+                  f"p90 {r['ttft_p90_ms']:7.1f} ms  1-stream TTFT p50 {r['single_ttft_p50_ms']:6.1f} ms  "
+                  f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
     v_rounds, m_rounds = rounds["vllm-openai-server"], rounds["mergeserve-serve"]
     ratios = [m["output_tok_s"] / v["output_tok_s"] for v, m in zip(v_rounds, m_rounds)]
     ttft_deltas = [m["ttft_p50_ms"] - v["ttft_p50_ms"] for v, m in zip(v_rounds, m_rounds)]

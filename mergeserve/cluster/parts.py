@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from mergeserve.cluster.resume import write_done_record
 from mergeserve.merge.execute import SourceCache, peak_rss_bytes

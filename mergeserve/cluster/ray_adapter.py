@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 
+
 def _params_patchable() -> bool:
     from ray._private import parameter
 

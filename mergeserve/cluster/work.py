@@ -5,7 +5,8 @@ torch) take seconds on a small machine. The driver has planned and imported the 
 so helper threads in the driver merge parts from the same queue meanwhile; once every actor is
 ready the helpers stop at the next tensor and the actors do the rest. The helpers run at normal
 priority: a lower-priority helper starves on a machine shared with other work, and its tensor in
-progress becomes the tail of the whole merge. Results of both kinds reach the dispatcher (on the main thread) as events, so shard completion and errors are handled in one place.
+progress becomes the tail of the whole merge. Results of both kinds reach the dispatcher (on the
+main thread) as events, so shard completion and errors are handled in one place.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import queue
 import threading
 from collections import deque
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from mergeserve.cluster.parts import Part, PartResult, run_part
 

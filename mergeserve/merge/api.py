@@ -25,8 +25,8 @@ from mergeserve.errors import ConfigError
 from mergeserve.merge.config import MergeConfig, load_config, parse_config
 from mergeserve.merge.execute import SourceCache, peak_rss_bytes
 from mergeserve.merge.executor import ShardResult, run_shard
-from mergeserve.merge.outputs import check_tokenizer, write_metadata
 from mergeserve.merge.options import MergeOptions, parse_size
+from mergeserve.merge.outputs import check_tokenizer, write_metadata
 from mergeserve.merge.plan import MergePlan, build_plan
 from mergeserve.merge.writer import StagingDir
 

@@ -15,8 +15,8 @@ import errno
 import resource
 import sys
 import threading
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import torch
 

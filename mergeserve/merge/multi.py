@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from mergeserve.merge.executor import Executor, MemorySink, ShardResult, Sink, commit_shard, sources_for
 from mergeserve.merge.execute import SourceCache
+from mergeserve.merge.executor import Executor, MemorySink, ShardResult, Sink, commit_shard, sources_for
 from mergeserve.merge.plan import MergePlan
 from mergeserve.merge.writer import ShardLayout, SlotWriter, tmp_path
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mergeserve import __version__
 from mergeserve.errors import ConfigError, UnsupportedError

@@ -426,7 +426,7 @@ class Planner:
             read = sum(self.files[m].info(n).nbytes for t in tasks for m, n in t.sources)
             name = "model.safetensors" if total == 1 else f"model-{k + 1:05d}-of-{total:05d}.safetensors"
             shards.append(
-                ShardTask(k, name, tasks, read, sum(t.bytes_out for t in tasks), tuple(l for l, ts in g if l is not None and ts))
+                ShardTask(k, name, tasks, read, sum(t.bytes_out for t in tasks), tuple(layer for layer, ts in g if layer is not None and ts))
             )
         return tuple(shards)
 

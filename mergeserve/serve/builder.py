@@ -4,10 +4,11 @@ It follows ``ray.serve.llm.build_openai_app`` (one ``LLMServer`` deployment per 
 OpenAI ingress routing by model name) with two additions Ray's builder has no hook for: ASGI
 middlewares on the ingress's FastAPI app (bearer-token auth when a key is set, and a retry of
 requests that fail before their first byte), and the LLM deployments use our ``LLMServer``
-subclass, which sends a stream's first chunk without Ray's batching delay (see llm_server.py). The OpenAI layer itself (routes, streaming, usage, 4xx on bad requests) is Ray's and
-vLLM's. :func:`build_app` takes :class:`AppArgs`, or the same as a mapping, so ``serve deploy``
-can call it from a config file (``import_path: mergeserve.serve.builder:build_app``). Ray's
-internals it needs are imported through :mod:`mergeserve.serve.ray_llm_adapter`.
+subclass, which sends a stream's first chunk without Ray's batching delay (see llm_server.py).
+The OpenAI layer itself (routes, streaming, usage, 4xx on bad requests) is Ray's and vLLM's.
+:func:`build_app` takes :class:`AppArgs`, or the same as a mapping, so ``serve deploy`` can call
+it from a config file (``import_path: mergeserve.serve.builder:build_app``). Ray's internals it
+needs are imported through :mod:`mergeserve.serve.ray_llm_adapter`.
 """
 
 from __future__ import annotations
@@ -75,13 +76,13 @@ class RetryBeforeFirstByte:
         while True:
             state = {"replayed": False, "retry": False}
 
-            async def replay():
+            async def replay(state=state):
                 if not state["replayed"]:
                     state["replayed"] = True
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()  # afterwards: the client's disconnect, when it comes
 
-            async def capture(msg):
+            async def capture(msg, state=state):
                 if msg["type"] == "http.response.start" and msg["status"] >= 500 and loop.time() < deadline:
                     state["retry"] = True
                 if not state["retry"]:

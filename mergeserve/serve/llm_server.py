@@ -12,7 +12,8 @@ OpenAI layer, errors, usage) is Ray's and vLLM's, unchanged.
 
 from __future__ import annotations
 
-from typing import AsyncGenerator, List, TypeVar
+from collections.abc import AsyncGenerator
+from typing import TypeVar
 
 from ray.serve.llm.deployment import LLMServer as RayLLMServer
 
@@ -21,7 +22,7 @@ from mergeserve.serve.ray_llm_adapter import Batcher
 T = TypeVar("T")
 
 
-async def first_then_batched(generator: AsyncGenerator[T, None], interval_ms: float | None) -> AsyncGenerator[List[T], None]:
+async def first_then_batched(generator: AsyncGenerator[T, None], interval_ms: float | None) -> AsyncGenerator[list[T], None]:
     """Yield ``[first item]`` as soon as it exists, then Ray's interval batches of the rest."""
     try:
         first = await generator.__anext__()
@@ -36,5 +37,5 @@ class LLMServer(RayLLMServer):
     """``ray.serve.llm``'s LLMServer (same name, so Serve's deployment and metric names stay
     ``LLMServer:<model>``), streaming its first chunk without the batching delay."""
 
-    def _batch_output_stream(self, generator: AsyncGenerator[T, None]) -> AsyncGenerator[List[T], None]:
+    def _batch_output_stream(self, generator: AsyncGenerator[T, None]) -> AsyncGenerator[list[T], None]:
         return first_then_batched(generator, self._get_batch_interval_ms())

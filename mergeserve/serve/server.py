@@ -130,7 +130,7 @@ class Server:
         self.models: list[str] = []
         self._stopped = False
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         import ray
         from ray import serve
 

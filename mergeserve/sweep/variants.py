@@ -9,18 +9,19 @@ from __future__ import annotations
 import copy
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
 from mergeserve.errors import ConfigError, MergeServeError
 from mergeserve.merge.config import MergeConfig, load_config, parse_config
 from mergeserve.merge.methods.registry import get_method, method_names
+from mergeserve.merge.multi import content_key, structure_key
 from mergeserve.merge.options import MergeOptions
 from mergeserve.merge.plan import MergePlan
-from mergeserve.merge.multi import content_key, structure_key
 from mergeserve.sweep.spec import Axis, SweepSpec, parse_path
 
 

@@ -12,7 +12,8 @@ of the same inputs and tokenizes the evaluation texts once. Its tasks:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mergeserve.cluster.actors import Worker
 from mergeserve.sweep.spec import Eval

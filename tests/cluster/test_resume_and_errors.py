@@ -145,7 +145,10 @@ def _limited(kind, amount, args):
     return subprocess.run([sys.executable, "-c", _LIMITED, kind, str(amount), *args], capture_output=True, text=True, timeout=300)
 
 
-LINEAR = {"merge_method": "linear", "dtype": "bfloat16", "models": [{"model": "x", "parameters": {"weight": 1}}, {"model": "y", "parameters": {"weight": 1}}]}
+LINEAR = {
+    "merge_method": "linear", "dtype": "bfloat16",
+    "models": [{"model": "x", "parameters": {"weight": 1}}, {"model": "y", "parameters": {"weight": 1}}],
+}
 
 
 def test_out_of_memory_names_the_shard(big_vocab, tmp_path):

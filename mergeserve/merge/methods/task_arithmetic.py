@@ -26,7 +26,8 @@ operations, so deterministic presets agree with it bit for bit.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
