@@ -44,11 +44,14 @@ class Served:
 
 def pytest_collection_modifyitems(session, config, items):
     """Run the tests that use the served app last (in their collected order), so the app, started
-    once, is not held in memory while the rest of the suite runs."""
-    uses = [i for i in items if "served" in getattr(i, "fixturenames", ())]
-    if uses:
-        rest = [i for i in items if "served" not in getattr(i, "fixturenames", ())]
-        items[:] = rest + uses
+    once, is not held in memory while the rest of the suite runs; and among them, the ones marked
+    ``disturbs_app`` (they kill part of it) after every other."""
+    def rank(item) -> int:
+        if "served" not in getattr(item, "fixturenames", ()):
+            return 0
+        return 2 if item.get_closest_marker("disturbs_app") else 1
+
+    items[:] = sorted(items, key=rank)  # stable: the collected order holds within each rank
 
 
 @pytest.fixture(scope="session")

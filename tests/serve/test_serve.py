@@ -158,8 +158,9 @@ def _engines(served) -> list:
     return out
 
 
-def test_zz_killed_engine_is_replaced_and_only_in_flight_requests_fail(served):
-    """Runs last (it disturbs the app). SIGKILL one engine process under steady load on both
+@pytest.mark.disturbs_app
+def test_killed_engine_is_replaced_and_only_in_flight_requests_fail(served):
+    """Runs last (``disturbs_app``, see tests/serving_fixtures.py). SIGKILL one engine process under steady load on both
     models: Serve must replace the replica and both models must answer again within
     RESTART_DEADLINE_S; a failed request must have been in flight when the engine died."""
     import signal
