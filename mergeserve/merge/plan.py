@@ -30,7 +30,7 @@ from mergeserve.merge.methods.registry import MethodSpec, get_method
 from mergeserve.merge.options import DEFAULT_SHARD_SIZE
 from mergeserve.merge.params import MISSING, resolve
 from mergeserve.merge.quantize import BLOCK, FP8_BLOCK, fp8_scale_shape, is_fp8_target
-from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles, tensor_nbytes
+from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles, TensorInfo, tensor_nbytes
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<idx>\d+)\.(?P<suffix>.+)$")
 OUT_DTYPES = ("float32", "float16", "bfloat16", "fp8")
@@ -280,14 +280,35 @@ class Planner:
 
     # -- the walk --------------------------------------------------------------------------
     def _task(self, sl: _Slice, out_name: str, src_names: list[str], t: float, layer: int | None) -> TensorTask | None:
+        """The task for one output tensor, or None (a problem noted, or an optional tensor absent)."""
         models = [s[0] for s in sl.sources]
-        infos = []
-        for mi, sname in zip(models, src_names):
-            f = self.files[mi]
-            if sname not in f:
-                infos.append(None)
-                continue
-            infos.append(f.info(sname))
+        present = self._source_infos(models, out_name, src_names)
+        if present is None:
+            return None
+        base_index = models.index(sl.base) if sl.base is not None and sl.base in models else None
+        if not self._method_accepts(len(models), base_index):
+            return None
+        compute, out, quant = self._dtypes(out_name, present, layer)
+        seed = None
+        if self.spec.random:
+            seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{out_name}".encode()).digest()[:8], "little") >> 1
+        return TensorTask(
+            name=out_name,
+            sources=tuple(zip(models, src_names)),
+            base_index=base_index,
+            params=self._params(sl, out_name, src_names, t, base_index),
+            shape=present[0].shape,
+            compute_dtype=compute,
+            out_dtype=out,
+            quantize=quant,
+            layer=layer,
+            seed=seed,
+        )
+
+    def _source_infos(self, models: list[int], out_name: str, src_names: list[str]) -> list[TensorInfo] | None:
+        """Every source tensor's header, all of one shape; None if the tensor is absent everywhere,
+        an optional one (lm_head) is absent somewhere, or a problem was noted."""
+        infos = [self.files[mi].info(sname) if sname in self.files[mi] else None for mi, sname in zip(models, src_names)]
         present = [i for i in infos if i is not None]
         if not present:
             return None
@@ -297,24 +318,31 @@ class Planner:
             missing = [self.models[m].ref for m, i in zip(models, infos) if i is None]
             self.problems.append(f"tensor {src_names[infos.index(None)]!r} is missing from {', '.join(missing)}")
             return None
-        shapes = {i.shape for i in present}
-        if len(shapes) > 1:
+        if len({i.shape for i in present}) > 1:
             desc = ", ".join(f"{self.models[m].ref}: {list(i.shape)}" for m, i in zip(models, present))
             self.problems.append(f"tensor {out_name!r}: shapes differ between models ({desc})")
             return None
-        base_index = models.index(sl.base) if sl.base is not None and sl.base in models else None
-        if self.spec.base == "required" and base_index is None:
-            self.problems.append(f"base_model: {self.spec.name} needs a base model among the sources")
-            return None
-        n = len(models)
-        if n < self.spec.min_models or (self.spec.max_models is not None and n > self.spec.max_models):
-            want = f"{self.spec.min_models}" + (f"-{self.spec.max_models}" if self.spec.max_models != self.spec.min_models else "")
-            self.problems.append(f"merge_method: {self.spec.name} takes {want} input models, got {n}")
-            return None
-        nb = self.spec.non_base_models
+        return present
+
+    def _method_accepts(self, n: int, base_index: int | None) -> bool:
+        """Whether the method takes ``n`` inputs with this base; notes the problem if not."""
+        spec = self.spec
+        if spec.base == "required" and base_index is None:
+            self.problems.append(f"base_model: {spec.name} needs a base model among the sources")
+            return False
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            want = f"{spec.min_models}" + (f"-{spec.max_models}" if spec.max_models != spec.min_models else "")
+            self.problems.append(f"merge_method: {spec.name} takes {want} input models, got {n}")
+            return False
+        nb = spec.non_base_models
         if nb is not None and n - (base_index is not None) != nb:
-            self.problems.append(f"merge_method: {self.spec.name} takes exactly {nb} non-base models, got {n - (base_index is not None)}")
-            return None
+            self.problems.append(f"merge_method: {spec.name} takes exactly {nb} non-base models, got {n - (base_index is not None)}")
+            return False
+        return True
+
+    def _dtypes(self, out_name: str, present: list[TensorInfo], layer: int | None) -> tuple[str, str, str | None]:
+        """(compute dtype, stored dtype, quantization) codes: the recipe's dtype or the inputs'
+        promoted one for the math; out_dtype (FP8 for decoder linear weights) for storage."""
         if self.config.dtype:
             compute = _st_dtype(self.config.dtype)
         else:
@@ -322,11 +350,10 @@ class Planner:
             for i in present[1:]:
                 dt = torch.promote_types(dt, i.torch_dtype)
             compute = TORCH_TO_ST[dt]
-        shape = present[0].shape
         quant = None
         od = self.out_dtype_arg
         if od == "fp8":
-            if is_fp8_target(out_name, shape, layer):
+            if is_fp8_target(out_name, present[0].shape, layer):
                 quant, out = FP8_BLOCK, "F8_E4M3"
             else:
                 out = "BF16"
@@ -336,21 +363,7 @@ class Planner:
             out = compute
         if not ST_DTYPES[compute].torch.is_floating_point:
             out, quant = compute, None
-        seed = None
-        if self.spec.random:
-            seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{out_name}".encode()).digest()[:8], "little") >> 1
-        return TensorTask(
-            name=out_name,
-            sources=tuple(zip(models, src_names)),
-            base_index=base_index,
-            params=self._params(sl, out_name, src_names, t, base_index),
-            shape=shape,
-            compute_dtype=compute,
-            out_dtype=out,
-            quantize=quant,
-            layer=layer,
-            seed=seed,
-        )
+        return compute, out, quant
 
     def plan(self) -> MergePlan:
         self._check_models()
