@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from mergeserve.errors import ClusterError, ConfigError, InputError, ResourceError
 
 if TYPE_CHECKING:
+    from mergeserve.cluster.pool import WorkerPool
     from mergeserve.merge.api import MergeResult
     from mergeserve.merge.options import MergeOptions
 
@@ -231,7 +232,7 @@ def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> _Run:
     return _Run(cfg, text, plan, stage, done, PartQueue(parts))
 
 
-def _run(run: _Run, pool, progress: bool, t0: float) -> MergeResult:
+def _run(run: _Run, pool: WorkerPool, progress: bool, t0: float) -> MergeResult:
     from mergeserve.cluster.resume import clear_run_state
     from mergeserve.merge.api import MergeResult, progress_bar
     from mergeserve.merge.execute import peak_rss_bytes
@@ -274,7 +275,7 @@ def _run(run: _Run, pool, progress: bool, t0: float) -> MergeResult:
     )
 
 
-def _dispatch(plan, work, pool, out_dir: str, bar) -> tuple[list, list]:
+def _dispatch(plan, work, pool: WorkerPool, out_dir: str, bar) -> tuple[list, list]:
     """Run the parts on the pool's actors (each one part at a time) and, until the actors are
     ready, on the driver's helper threads; returns (ShardResults, PartResults).
 

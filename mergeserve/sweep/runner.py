@@ -25,10 +25,14 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergeserve.errors import ConfigError, OutputExistsError
 from mergeserve.merge.options import AUTO, NO_SHARDING, MergeOptions, auto_shard_size
 from mergeserve.sweep.spec import SweepSpec
+
+if TYPE_CHECKING:
+    from mergeserve.cluster.pool import WorkerPool
 
 
 @dataclass
@@ -218,7 +222,7 @@ def _row(pv, scores: dict | None, checkpoint: str | None, extra: dict | None = N
     return {**variant_record(pv), "scores": scores, "checkpoint": checkpoint, **(extra or {})}
 
 
-def _run_variants(run: SweepRun, pool, planned: list, done: dict, vbar, sbar) -> None:
+def _run_variants(run: SweepRun, pool: WorkerPool, planned: list, done: dict, vbar, sbar) -> None:
     """Merge (and score) every planned variant not finished before; record duplicates too."""
     from mergeserve.sweep.variants import batches
 
@@ -252,7 +256,7 @@ def _run_variants(run: SweepRun, pool, planned: list, done: dict, vbar, sbar) ->
             vbar.update(1)
 
 
-def _write_checkpoints(run: SweepRun, pool, groups: list, sbar, vbar=None, score: bool = False) -> None:
+def _write_checkpoints(run: SweepRun, pool: WorkerPool, groups: list, sbar, vbar=None, score: bool = False) -> None:
     """Merge batches to OUT/variants/NAME shard by shard; score each checkpoint once committed."""
     from mergeserve.merge.outputs import write_metadata
     from mergeserve.merge.writer import StagingDir
@@ -302,7 +306,7 @@ def _write_checkpoints(run: SweepRun, pool, groups: list, sbar, vbar=None, score
         raise
 
 
-def _run_adaptive(run: SweepRun, pool, recipe: dict, done: dict, vbar, sbar) -> None:
+def _run_adaptive(run: SweepRun, pool: WorkerPool, recipe: dict, done: dict, vbar, sbar) -> None:
     from mergeserve.sweep.search import AdaptiveSearch, objective_value
     from mergeserve.sweep.variants import make_variant, plan_variants
 
