@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -125,7 +126,8 @@ def cpu_by_role(pid: int) -> dict[str, float]:
 
 def start(cmd: list[str], url: str, model: str) -> tuple[subprocess.Popen, float, RssWatch]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     watch = RssWatch(proc.pid)
     watch.start()
     while True:
@@ -168,6 +170,10 @@ def median_of(rounds: list[dict]) -> dict:
     return med
 
 
+def ray_variant(script: str, checkpoint: str, name: str, mode: str, port: int) -> list[str]:
+    return [sys.executable, script, checkpoint, "--port", str(port), "--name", name, "--mode", mode]
+
+
 def side_commands(a: argparse.Namespace, name: str) -> dict:
     """Each side's command line, given a free port."""
     here = str(REPO / "benchmarks" / "ray_serve_variants.py")
@@ -176,8 +182,7 @@ def side_commands(a: argparse.Namespace, name: str) -> dict:
                               "--served-model-name", name, "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port)],
         "mergeserve": lambda port: [sys.executable, "-m", "mergeserve.cli", "serve", a.checkpoint, "--name", name,
                                     "--port", str(port), "--metrics-port", str(free_port()), *a.serve_args.split()],
-        **{f"ray-{m}": (lambda m: lambda port: [sys.executable, here, a.checkpoint, "--port", str(port), "--name", name, "--mode", m])(m)
-           for m in ("proxy", "haproxy", "haproxy-direct")},
+        **{f"ray-{mode}": partial(ray_variant, here, a.checkpoint, name, mode) for mode in ("proxy", "haproxy", "haproxy-direct")},
     }
     unknown = [s for s in a.sides if s not in known]
     if unknown or "vllm" not in a.sides:

@@ -40,7 +40,7 @@ class ConfigError(MergeServeError):
         return (self.__class__, (self.message, self.problems))
 
     @classmethod
-    def from_problems(cls, problems: list[str], source: str = "config") -> "ConfigError":
+    def from_problems(cls, problems: list[str], source: str = "config") -> ConfigError:
         head = f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}: "
         return cls(head + "; ".join(problems), problems)
 

@@ -5,20 +5,20 @@ The YAML a user pastes from a model card (``slices`` / ``models``, ``merge_metho
 ``tokenizer_source`` / ``tokenizer``, ``chat_template``) parses into :class:`MergeConfig`.
 Structural problems are collected by pydantic; :func:`load_config` turns them all into ONE
 :class:`~mergeserve.errors.ConfigError` whose message names every field. Semantic checks that
-need the method registry or the input models' ``config.json`` live in :mod:`.validate`.
+need the method registry or the input models' files are the planner's (:mod:`mergeserve.merge.plan`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergeserve.errors import ConfigError
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 # A gradient: K values interpolated over the layers of a slice (numbers), or picked (bools/strings).
 Gradient = list[Scalar]
 
@@ -38,7 +38,7 @@ class FilteredValue(_Strict):
     """One item of a filter list: applies ``value`` to tensors whose name contains ``filter``."""
 
     filter: str | None = Field(None, description="Substring of the output tensor name; None or '*' matches all")
-    value: Union[Scalar, Gradient] = Field(description="A scalar or a gradient (list of values)")
+    value: Scalar | Gradient = Field(description="A scalar or a gradient (list of values)")
 
     @field_validator("value")
     @classmethod
@@ -49,7 +49,7 @@ class FilteredValue(_Strict):
 
 
 # A parameter setting: scalar, gradient, one filtered value, or a list of filtered values.
-ParameterSetting = Union[Scalar, Gradient, FilteredValue, list[FilteredValue]]
+ParameterSetting = Scalar | Gradient | FilteredValue | list[FilteredValue]
 
 
 def _check_settings(params: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -118,7 +118,7 @@ class OutputSlice(_Strict):
     _params = field_validator("parameters")(classmethod(lambda cls, v: _check_settings(v)))
 
     @model_validator(mode="after")
-    def _same_length(self) -> "OutputSlice":
+    def _same_length(self) -> OutputSlice:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
             ranges = ", ".join(f"{s.model}: {list(s.layer_range)}" for s in self.sources)
@@ -132,7 +132,7 @@ class TokenEmbedding(_Strict):
 
 
 class TokenizerSettings(_Strict):
-    source: Union[Literal["union", "base"], ModelRef] = Field("union", description="'base', 'union' or a model")
+    source: Literal["union", "base"] | ModelRef = Field("union", description="'base', 'union' or a model")
     tokens: dict[str, TokenEmbedding] | None = Field(None, description="Extra tokens and their embeddings")
     pad_to_multiple_of: int | None = Field(None, ge=1, description="Pad the vocabulary size")
 
@@ -147,7 +147,7 @@ class MergeConfig(_Strict):
     parameters: dict[str, ParameterSetting] | None = Field(None, description="Top-level parameters")
     dtype: str | None = Field(None, description="Inputs are cast to this dtype when loaded")
     out_dtype: str | None = Field(None, description="The output is cast to this dtype when saved")
-    tokenizer_source: Union[Literal["union", "base"], ModelRef, None] = Field(None, description="Tokenizer to write")
+    tokenizer_source: Literal["union", "base"] | ModelRef | None = Field(None, description="Tokenizer to write")
     tokenizer: TokenizerSettings | None = Field(None, description="Tokenizer settings (instead of tokenizer_source)")
     chat_template: str | None = Field(None, description="'auto', a built-in template name, or Jinja text")
     name: str | None = Field(None, description="Accepted for compatibility (mergekit-moe / LazyMergekit)")
@@ -164,7 +164,7 @@ class MergeConfig(_Strict):
         return DTYPE_ALIASES[v]
 
     @model_validator(mode="after")
-    def _shape(self) -> "MergeConfig":
+    def _shape(self) -> MergeConfig:
         if (self.slices is None) == (self.models is None):
             raise ValueError("exactly one of 'models' or 'slices' must be given")
         if self.models is not None and not self.models:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mergeserve import __version__
 from mergeserve.errors import ConfigError, UnsupportedError
 from mergeserve.merge.config import MergeConfig, ModelRef
-from mergeserve.merge.execute import ShardResult
+from mergeserve.merge.executor import ShardResult
 from mergeserve.merge.plan import MergePlan
 from mergeserve.merge.reader import fingerprint
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,13 @@ import torch
 from mergeserve.errors import ConfigError, InputError, UnsupportedError
 from mergeserve.merge.config import DTYPE_ALIASES, MergeConfig
 from mergeserve.merge.methods.registry import MethodSpec, get_method
+from mergeserve.merge.options import DEFAULT_SHARD_SIZE
 from mergeserve.merge.params import MISSING, resolve
-from mergeserve.merge.quantize import FP8_BLOCK, fp8_scale_shape, is_fp8_target
-from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles
+from mergeserve.merge.quantize import BLOCK, FP8_BLOCK, fp8_scale_shape, is_fp8_target
+from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles, TensorInfo, tensor_nbytes
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<idx>\d+)\.(?P<suffix>.+)$")
 OUT_DTYPES = ("float32", "float16", "bfloat16", "fp8")
-DEFAULT_SHARD_SIZE = 5_000_000_000
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,7 @@ class TensorTask:
 
     @property
     def bytes_out(self) -> int:
-        total = 0
-        for _, dtype, shape in self.outputs():
-            n = ST_DTYPES[dtype][1]
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return sum(tensor_nbytes(dtype, shape) for _, dtype, shape in self.outputs())
 
 
 @dataclass(frozen=True)
@@ -92,6 +86,10 @@ class ShardTask:
     bytes_written: int
     layers: tuple[int, ...] = ()
 
+    def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype code, shape) of every tensor of the file, in file order."""
+        return [e for t in self.tensors for e in t.outputs()]
+
 
 @dataclass(frozen=True)
 class MergePlan:
@@ -104,7 +102,7 @@ class MergePlan:
     out_dtype: str
     seed: int
     fingerprint: str = ""  # hash of the recipe + plan, for --resume
-    meta: dict = field(default_factory=dict, hash=False, compare=False)
+    allow_pickle: bool = False  # the inputs may be pickle checkpoints (--allow-pickle): every reader honours it
 
     @property
     def bytes_read(self) -> int:
@@ -186,6 +184,7 @@ class Planner:
         self.spec: MethodSpec = get_method(config.merge_method)
         self.shard_size = shard_size
         self.seed = seed
+        self.allow_pickle = allow_pickle
         self.problems: list[str] = []
         self.out_dtype_arg = out_dtype or config.out_dtype
         if self.out_dtype_arg is not None and self.out_dtype_arg not in OUT_DTYPES and self.out_dtype_arg not in DTYPE_ALIASES:
@@ -281,14 +280,35 @@ class Planner:
 
     # -- the walk --------------------------------------------------------------------------
     def _task(self, sl: _Slice, out_name: str, src_names: list[str], t: float, layer: int | None) -> TensorTask | None:
+        """The task for one output tensor, or None (a problem noted, or an optional tensor absent)."""
         models = [s[0] for s in sl.sources]
-        infos = []
-        for mi, sname in zip(models, src_names):
-            f = self.files[mi]
-            if sname not in f:
-                infos.append(None)
-                continue
-            infos.append(f.info(sname))
+        present = self._source_infos(models, out_name, src_names)
+        if present is None:
+            return None
+        base_index = models.index(sl.base) if sl.base is not None and sl.base in models else None
+        if not self._method_accepts(len(models), base_index):
+            return None
+        compute, out, quant = self._dtypes(out_name, present, layer)
+        seed = None
+        if self.spec.random:
+            seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{out_name}".encode()).digest()[:8], "little") >> 1
+        return TensorTask(
+            name=out_name,
+            sources=tuple(zip(models, src_names)),
+            base_index=base_index,
+            params=self._params(sl, out_name, src_names, t, base_index),
+            shape=present[0].shape,
+            compute_dtype=compute,
+            out_dtype=out,
+            quantize=quant,
+            layer=layer,
+            seed=seed,
+        )
+
+    def _source_infos(self, models: list[int], out_name: str, src_names: list[str]) -> list[TensorInfo] | None:
+        """Every source tensor's header, all of one shape; None if the tensor is absent everywhere,
+        an optional one (lm_head) is absent somewhere, or a problem was noted."""
+        infos = [self.files[mi].info(sname) if sname in self.files[mi] else None for mi, sname in zip(models, src_names)]
         present = [i for i in infos if i is not None]
         if not present:
             return None
@@ -298,24 +318,31 @@ class Planner:
             missing = [self.models[m].ref for m, i in zip(models, infos) if i is None]
             self.problems.append(f"tensor {src_names[infos.index(None)]!r} is missing from {', '.join(missing)}")
             return None
-        shapes = {i.shape for i in present}
-        if len(shapes) > 1:
+        if len({i.shape for i in present}) > 1:
             desc = ", ".join(f"{self.models[m].ref}: {list(i.shape)}" for m, i in zip(models, present))
             self.problems.append(f"tensor {out_name!r}: shapes differ between models ({desc})")
             return None
-        base_index = models.index(sl.base) if sl.base is not None and sl.base in models else None
-        if self.spec.base == "required" and base_index is None:
-            self.problems.append(f"base_model: {self.spec.name} needs a base model among the sources")
-            return None
-        n = len(models)
-        if n < self.spec.min_models or (self.spec.max_models is not None and n > self.spec.max_models):
-            want = f"{self.spec.min_models}" + (f"-{self.spec.max_models}" if self.spec.max_models != self.spec.min_models else "")
-            self.problems.append(f"merge_method: {self.spec.name} takes {want} input models, got {n}")
-            return None
-        nb = self.spec.non_base_models
+        return present
+
+    def _method_accepts(self, n: int, base_index: int | None) -> bool:
+        """Whether the method takes ``n`` inputs with this base; notes the problem if not."""
+        spec = self.spec
+        if spec.base == "required" and base_index is None:
+            self.problems.append(f"base_model: {spec.name} needs a base model among the sources")
+            return False
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            want = f"{spec.min_models}" + (f"-{spec.max_models}" if spec.max_models != spec.min_models else "")
+            self.problems.append(f"merge_method: {spec.name} takes {want} input models, got {n}")
+            return False
+        nb = spec.non_base_models
         if nb is not None and n - (base_index is not None) != nb:
-            self.problems.append(f"merge_method: {self.spec.name} takes exactly {nb} non-base models, got {n - (base_index is not None)}")
-            return None
+            self.problems.append(f"merge_method: {spec.name} takes exactly {nb} non-base models, got {n - (base_index is not None)}")
+            return False
+        return True
+
+    def _dtypes(self, out_name: str, present: list[TensorInfo], layer: int | None) -> tuple[str, str, str | None]:
+        """(compute dtype, stored dtype, quantization) codes: the recipe's dtype or the inputs'
+        promoted one for the math; out_dtype (FP8 for decoder linear weights) for storage."""
         if self.config.dtype:
             compute = _st_dtype(self.config.dtype)
         else:
@@ -323,11 +350,10 @@ class Planner:
             for i in present[1:]:
                 dt = torch.promote_types(dt, i.torch_dtype)
             compute = TORCH_TO_ST[dt]
-        shape = present[0].shape
         quant = None
         od = self.out_dtype_arg
         if od == "fp8":
-            if is_fp8_target(out_name, shape, layer):
+            if is_fp8_target(out_name, present[0].shape, layer):
                 quant, out = FP8_BLOCK, "F8_E4M3"
             else:
                 out = "BF16"
@@ -335,23 +361,9 @@ class Planner:
             out = _st_dtype(od)
         else:
             out = compute
-        if not ST_DTYPES[compute][0].is_floating_point:
+        if not ST_DTYPES[compute].torch.is_floating_point:
             out, quant = compute, None
-        seed = None
-        if self.spec.random:
-            seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{out_name}".encode()).digest()[:8], "little") >> 1
-        return TensorTask(
-            name=out_name,
-            sources=tuple(zip(models, src_names)),
-            base_index=base_index,
-            params=self._params(sl, out_name, src_names, t, base_index),
-            shape=shape,
-            compute_dtype=compute,
-            out_dtype=out,
-            quantize=quant,
-            layer=layer,
-            seed=seed,
-        )
+        return compute, out, quant
 
     def plan(self) -> MergePlan:
         self._check_models()
@@ -406,6 +418,7 @@ class Planner:
             out_dtype=str(out_dtype),
             seed=self.seed,
             fingerprint=fp,
+            allow_pickle=self.allow_pickle,
         )
 
     def _shard(self, units: list[tuple[int | None, list[TensorTask]]]) -> tuple[ShardTask, ...]:
@@ -426,7 +439,7 @@ class Planner:
             read = sum(self.files[m].info(n).nbytes for t in tasks for m, n in t.sources)
             name = "model.safetensors" if total == 1 else f"model-{k + 1:05d}-of-{total:05d}.safetensors"
             shards.append(
-                ShardTask(k, name, tasks, read, sum(t.bytes_out for t in tasks), tuple(l for l, ts in g if l is not None and ts))
+                ShardTask(k, name, tasks, read, sum(t.bytes_out for t in tasks), tuple(layer for layer, ts in g if layer is not None and ts))
             )
         return tuple(shards)
 
@@ -440,7 +453,7 @@ class Planner:
                 "quant_method": "fp8",
                 "fmt": "e4m3",
                 "activation_scheme": "dynamic",
-                "weight_block_size": [128, 128],
+                "weight_block_size": [BLOCK, BLOCK],
             }
             od = "bfloat16"
         if od:

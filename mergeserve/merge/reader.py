@@ -19,20 +19,35 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from mergeserve.errors import InputError
 
+
+class DType(NamedTuple):
+    torch: torch.dtype
+    itemsize: int  # bytes per element
+
+
 # safetensors dtype codes -> (torch dtype, bytes per element)
-ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+ST_DTYPES: dict[str, DType] = {
+    "F64": DType(torch.float64, 8), "F32": DType(torch.float32, 4), "F16": DType(torch.float16, 2),
+    "BF16": DType(torch.bfloat16, 2), "I64": DType(torch.int64, 8), "I32": DType(torch.int32, 4),
+    "I16": DType(torch.int16, 2), "I8": DType(torch.int8, 1), "U8": DType(torch.uint8, 1), "BOOL": DType(torch.bool, 1),
+    "F8_E4M3": DType(torch.float8_e4m3fn, 1), "F8_E5M2": DType(torch.float8_e5m2, 1),
 }
-TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
+TORCH_TO_ST = {v.torch: k for k, v in ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of safetensors dtype code ``dtype`` and ``shape``."""
+    n = ST_DTYPES[dtype].itemsize
+    for d in shape:
+        n *= d
+    return n
 
 
 @dataclass(frozen=True)
@@ -51,7 +66,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return ST_DTYPES[self.dtype][0]
+        return ST_DTYPES[self.dtype].torch
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:

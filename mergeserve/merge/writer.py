@@ -21,14 +21,20 @@ import os
 import queue
 import shutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from mergeserve.errors import InputError, OutputExistsError, ResourceError
-from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST
+from mergeserve.merge.reader import TORCH_TO_ST, tensor_nbytes
+
+
+def tmp_path(path: str | Path) -> Path:
+    """Where a file is written before its atomic rename to ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -118,10 +124,10 @@ class ShardWriter(_QueuedWriter):
     def _store(self, slot: TensorSlot, data: memoryview, tensor: torch.Tensor) -> None:
         self._f.write(data)  # tensors arrive in file order
 
-    def close(self) -> dict[str, str]:
+    def close(self, partial: bool = False) -> dict[str, str]:
         """Wait for the queued tensors, close the file; returns {name: sha256}."""
         try:
-            self._finish()
+            self._finish(partial)
             # No fsync: durability is the page cache's job; atomicity comes from the rename of
             # the finished file (and of the whole directory), which is what readers depend on.
             self._f.flush()
@@ -174,9 +180,7 @@ class ShardLayout:
         offset = 0
         spans = []
         for name, dtype, shape in entries:
-            n = ST_DTYPES[dtype][1]
-            for d in shape:
-                n *= d
+            n = tensor_nbytes(dtype, shape)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
             spans.append((name, dtype, tuple(shape), offset, n))
             offset += n
@@ -218,15 +222,15 @@ class SlotWriter(_QueuedWriter):
 
     The 4 KiB-aligned interior of each tensor is written with ``O_DIRECT`` (through an aligned
     bounce buffer), the unaligned ends (and everything, where the filesystem refuses
-    ``O_DIRECT``, e.g. tmpfs) through the page cache. Measured here, a buffered write of 2.2 GB
-    costs about 4 CPU-seconds in the kernel (filling fresh page-cache pages) against 0.3-0.5 for
-    the same bytes written direct; on a 2-core machine that is a large share of a merge. Pages
-    shared by two tensors are only ever written buffered, so writers never mix the two paths on
+    ``O_DIRECT``, e.g. tmpfs) through the page cache: a buffered write costs the kernel several times
+    the CPU of a direct one (it fills fresh page-cache pages), a large share of a merge on a small
+    machine. Pages shared by two tensors are only ever written buffered, so writers never mix the two paths on
     one page.
     """
 
     def __init__(self, path: str | Path, slots: Sequence[TensorSlot], *, direct: bool = True):
         super().__init__(Path(path), slots)
+        self._owns_file = False
         try:
             self._fd = os.open(self.path, os.O_WRONLY)
         except OSError as e:
@@ -240,6 +244,20 @@ class SlotWriter(_QueuedWriter):
             except OSError:
                 self._dfd = None
         self._thread.start()
+
+    @classmethod
+    def whole_file(cls, path: str | Path, layout: ShardLayout) -> SlotWriter:
+        """A writer of every tensor of a new file of ``layout`` (:func:`create_sized`); :meth:`abort`
+        removes the file."""
+        path = Path(path)
+        create_sized(path, layout)
+        try:
+            writer = cls(path, layout.tensors)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        writer._owns_file = True
+        return writer
 
     def _write_direct(self, data: memoryview, src_addr: int, offset: int) -> None:
         """Write ``data`` (at address ``src_addr``) at ``offset``: aligned interior direct, ends buffered."""
@@ -290,6 +308,8 @@ class SlotWriter(_QueuedWriter):
         except BaseException:  # noqa: BLE001 - aborting anyway; the caller has the first error
             pass
         self._close_fds()
+        if self._owns_file:
+            self.path.unlink(missing_ok=True)
 
 
 class StagingDir:

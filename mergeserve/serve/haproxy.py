@@ -76,7 +76,7 @@ class Policy:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Policy":
+    def from_json(cls, text: str) -> Policy:
         raw = json.loads(text)
         raw["models"] = tuple(raw["models"])
         return cls(**raw)

@@ -204,7 +204,7 @@ class Server:
         self._stopped = False
         self._run_dir: str | None = None
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         _check_limits(self.opts)
         ckpts = resolve_checkpoints(self.opts)  # before Ray: bad input fails in milliseconds
         self.models = [c.name for c in ckpts]

@@ -145,7 +145,10 @@ def _limited(kind, amount, args):
     return subprocess.run([sys.executable, "-c", _LIMITED, kind, str(amount), *args], capture_output=True, text=True, timeout=300)
 
 
-LINEAR = {"merge_method": "linear", "dtype": "bfloat16", "models": [{"model": "x", "parameters": {"weight": 1}}, {"model": "y", "parameters": {"weight": 1}}]}
+LINEAR = {
+    "merge_method": "linear", "dtype": "bfloat16",
+    "models": [{"model": "x", "parameters": {"weight": 1}}, {"model": "y", "parameters": {"weight": 1}}],
+}
 
 
 def test_out_of_memory_names_the_shard(big_vocab, tmp_path):
@@ -170,9 +173,9 @@ def test_ray_failures_are_mapped_to_errors_naming_the_shard():
     machine's memory exhausted, which a test cannot safely do (the mapping is what is tested)."""
     from ray.exceptions import OutOfMemoryError
 
-    from mergeserve.cluster.driver import _map_ray_error
+    from mergeserve.cluster.pool import map_ray_error
     from mergeserve.errors import ResourceError
 
     shard = "model-00003-of-00007.safetensors"
-    e = _map_ray_error(OutOfMemoryError("Task was killed due to the node running low on memory."), shard)
+    e = map_ray_error(OutOfMemoryError("Task was killed due to the node running low on memory."), f"shard {shard}")
     assert isinstance(e, ResourceError) and "out of memory" in str(e) and shard in str(e)
