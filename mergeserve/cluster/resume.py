@@ -49,12 +49,33 @@ def _verify(path: Path, rec: ShardResult) -> bool:
     return True
 
 
+def _read_state(path: Path) -> dict:
+    """The run state, or ResumeError if it is not one this code wrote (truncated, edited, corrupt)."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+        if isinstance(state, dict) and isinstance(state.get("plan"), str) and isinstance(state.get("inputs"), dict):
+            return state
+    except (OSError, ValueError, RecursionError):
+        pass
+    raise ResumeError(f"--resume: the run state {path} is corrupt or unreadable; start afresh without --resume")
+
+
+def _read_record(path: Path) -> ShardResult | None:
+    """A finished shard's record, or None if it is corrupt (the shard is then merged again)."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+        raw["tensors"] = tuple(TensorRecord(t["name"], tuple(t["shape"]), t["dtype"], t["sha256"]) for t in raw["tensors"])
+        return ShardResult(**raw)
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def load_done_shards(stage: Path, plan: MergePlan, inputs: dict[str, str]) -> dict[int, ShardResult]:
     """Verified finished shards of an interrupted run; raises ResumeError if it is another run."""
     state_file = stage / STATE
     if not state_file.exists():
         raise ResumeError(f"--resume: no interrupted run to resume at {stage}")
-    state = json.loads(state_file.read_text())
+    state = _read_state(state_file)
     changed = [ref for ref, fp in inputs.items() if state["inputs"].get(ref) != fp]
     if changed:
         raise ResumeError(f"--resume: input model(s) changed since the first run: {', '.join(changed)}; start afresh without --resume")
@@ -66,10 +87,8 @@ def load_done_shards(stage: Path, plan: MergePlan, inputs: dict[str, str]) -> di
         path = stage / shard.filename
         if not (rec_file.exists() and path.exists()):
             continue
-        raw = json.loads(rec_file.read_text())
-        raw["tensors"] = tuple(TensorRecord(t["name"], tuple(t["shape"]), t["dtype"], t["sha256"]) for t in raw["tensors"])
-        rec = ShardResult(**raw)
-        if _verify(path, rec):
+        rec = _read_record(rec_file)
+        if rec is not None and _verify(path, rec):
             done[shard.index] = rec
         else:
             path.unlink(missing_ok=True)
