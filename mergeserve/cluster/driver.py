@@ -205,7 +205,7 @@ def merge_distributed(
 
     planner = threading.Thread(target=_prepare, name="mergeserve-plan", daemon=True)
     planner.start()
-    own, actors, work = False, [], None
+    own, actors, work, handed = False, [], None, False
     try:
         import ray
 
@@ -222,6 +222,7 @@ def merge_distributed(
         if "err" in box:
             raise box["err"]
         work = box["prep"]["work"]
+        handed = True  # from here _run commits, keeps or discards the staging directory
         return _run(box["prep"], actors, progress, t0)
     finally:
         decided.set()
@@ -229,6 +230,8 @@ def merge_distributed(
         work = work or box.get("prep", {}).get("work")
         if work is not None:
             work.stop_helpers(wait=True)
+        if not handed and "prep" in box:  # failed while connecting (e.g. an unreachable --address)
+            _abandon(box["prep"]["stage"])
         import ray
 
         for a in actors:
@@ -242,7 +245,7 @@ def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overw
     from mergeserve.cluster.parts import prepare_shard, split_parts
     from mergeserve.cluster.resume import load_done_shards, write_run_state
     from mergeserve.cluster.work import PartQueue
-    from mergeserve.merge.api import _check_device, plan_merge
+    from mergeserve.merge.api import _check_device, plan_merge, protected_inputs
     from mergeserve.merge.reader import fingerprint
     from mergeserve.merge.writer import StagingDir
 
@@ -252,16 +255,29 @@ def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overw
     cfg, text, plan = plan_merge(config, out_shard_size=size, **plan_kw)
     if device != "cpu":
         _check_device(device)
-    stage = StagingDir(out_dir, overwrite=overwrite or resume, resume=resume)
-    inputs = {m.ref: fingerprint(m.path) for m in plan.models}
-    done = load_done_shards(stage.path, plan, inputs) if resume else {}
-    if not resume:
-        write_run_state(stage.path, plan, inputs)
-    todo = [s for s in plan.shards if s.index not in done]
-    for s in todo:
-        prepare_shard(stage.path, s)
-    parts = split_parts(todo, max(workers or 0, os.cpu_count() or 1))
+    stage = StagingDir(out_dir, overwrite=overwrite or resume, resume=resume, protect=protected_inputs(plan, plan_kw.get("models_dir")))
+    try:
+        inputs = {m.ref: fingerprint(m.path) for m in plan.models}
+        done = load_done_shards(stage.path, plan, inputs) if resume else {}
+        if not resume:
+            write_run_state(stage.path, plan, inputs)
+        todo = [s for s in plan.shards if s.index not in done]
+        for s in todo:
+            prepare_shard(stage.path, s)
+        parts = split_parts(todo, max(workers or 0, os.cpu_count() or 1))
+    except BaseException:
+        _abandon(stage)
+        raise
     return {"cfg": cfg, "text": text, "plan": plan, "stage": stage, "done": done, "work": PartQueue(parts), "resume": resume}
+
+
+def _abandon(stage) -> None:
+    """A run that failed before its first tensor: nothing of it stays (an interrupted run being
+    resumed stays as it was, for the next --resume)."""
+    if stage.resuming:
+        stage.release()
+    else:
+        stage.discard()
 
 
 def _run(prep, actors, progress, t0):
@@ -297,6 +313,7 @@ def _run(prep, actors, progress, t0):
         work.stop_helpers(wait=True)  # nothing may write into the staging directory after this
         if not keep_partial:
             stage.discard()
+        stage.release()
     workers_rss: dict[str, int] = {}
     for r in parts:
         if r.worker != "driver":

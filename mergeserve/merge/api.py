@@ -26,6 +26,7 @@ from mergeserve.merge.config import MergeConfig, load_config, parse_config
 from mergeserve.merge.execute import ShardResult, SourceCache, peak_rss_bytes, run_shard
 from mergeserve.merge.outputs import check_tokenizer, write_metadata
 from mergeserve.merge.plan import DEFAULT_SHARD_SIZE, MergePlan, build_plan
+from mergeserve.merge.untrusted import model_bound
 from mergeserve.merge.writer import StagingDir
 
 
@@ -137,7 +138,7 @@ def merge(
     )
     _check_device(device)
     threads = (os.cpu_count() or 1) if device == "cpu" else 2
-    stage = StagingDir(out_dir, overwrite=overwrite)
+    stage = StagingDir(out_dir, overwrite=overwrite, protect=protected_inputs(plan, models_dir))
     sources = SourceCache(plan.models, allow_pickle=allow_pickle)
     results: list[ShardResult] = []
     try:
@@ -154,6 +155,12 @@ def merge(
     finally:
         sources.close()
     return MergeResult(out, plan, results, time.perf_counter() - t0, peak_rss_bytes())
+
+
+def protected_inputs(plan: MergePlan, models_dir: str | Path | None) -> list[Path]:
+    """What an output must stay clear of (see :class:`StagingDir`): each input model's folder (a
+    snapshot's whole Hugging Face cache repository) and ``--models-dir``."""
+    return [model_bound(m.path) for m in plan.models] + ([Path(models_dir)] if models_dir else [])
 
 
 def _check_device(device: str) -> None:
