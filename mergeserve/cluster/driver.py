@@ -20,6 +20,7 @@ Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import queue
 import socket
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergeserve.cluster import guardian
 from mergeserve.errors import ClusterError, ConfigError, InputError, MergeServeError, ResourceError
 
 if TYPE_CHECKING:
@@ -96,6 +98,23 @@ def _lean_head_node():
         node.Node.start_api_server = orig_api
 
 
+@contextmanager
+def _quiet_token_banner():
+    """No "Token authentication is enabled for this Ray cluster..." on the user's stderr.
+
+    ``ray.init`` logs it (a warning, printed by Python's last-resort handler since Ray's logging
+    is not configured) whenever it starts a cluster with token auth on by default. For an
+    embedded cluster that is an internal detail of one command; auth stays on as Ray sets it.
+    """
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def connect(address: str | None) -> bool:
     """Initialise Ray; returns True if this call started a local cluster (to shut it down after)."""
     import ray
@@ -104,7 +123,8 @@ def connect(address: str | None) -> bool:
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address is None:
-        with _lean_head_node():
+        guardian.start()  # its processes end with this one, even if it is SIGKILLed
+        with _lean_head_node(), _quiet_token_banner():
             ray.init(  # "local": a new embedded cluster even if RAY_ADDRESS or a running one is found
                 address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                 _node_ip_address="127.0.0.1", configure_logging=False,
@@ -113,6 +133,7 @@ def connect(address: str | None) -> bool:
                 # (measured: an actor took 18 s to start beside them).
                 _system_config={"worker_niceness": 0},
             )
+        guardian.track(_node_pids())
         return True
     if address != "auto":
         _probe(address)
@@ -121,6 +142,16 @@ def connect(address: str | None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
     return False
+
+
+def _node_pids() -> list[int]:
+    """PIDs of the processes ``ray.init`` started for the embedded cluster (GCS, raylet)."""
+    try:
+        from ray._private import worker as ray_worker
+
+        return [info.process.pid for infos in ray_worker._global_node.all_processes.values() for info in infos]
+    except Exception:  # noqa: BLE001 - Ray's internals moved: the guardian then has nothing to watch
+        return []
 
 
 def shutdown_embedded() -> None:
@@ -147,6 +178,7 @@ def shutdown_embedded() -> None:
     except Exception:  # noqa: BLE001 - Ray's internals moved: ray.shutdown still stops it, only slower
         pass
     ray.shutdown()
+    guardian.stop()
 
 
 def cluster_workers(requested: int | None) -> tuple[int, dict[str, float], str]:
