@@ -20,15 +20,14 @@ Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergeserve.errors import ClusterError, ConfigError, InputError, ResourceError
+from mergeserve.cluster.session import ray_session
+from mergeserve.errors import ConfigError, InputError, ResourceError
 
 if TYPE_CHECKING:
     from mergeserve.cluster.pool import WorkerPool
@@ -39,75 +38,6 @@ if TYPE_CHECKING:
 # both take seconds, and a short merge is dominated by such fixed costs.
 
 AUTO_SHARDS_PER_WORKER = 3
-
-
-def _probe(address: str, timeout: float = 3.0) -> None:
-    """Fail fast on an address nobody listens on (ray.init would retry for a long time)."""
-    hostport = address.removeprefix("ray://")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"--address {address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as e:
-        raise ClusterError(f"--address {address}: Ray cluster unreachable ({e.strerror or e})") from None
-
-
-def connect(address: str | None) -> bool:
-    """Initialise Ray; returns True if this call started a local cluster (to shut it down after)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if address is None:
-        from mergeserve.cluster.ray_adapter import lean_head_node
-
-        with lean_head_node():
-            ray.init(  # "local": a new embedded cluster even if RAY_ADDRESS or a running one is found
-                address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                _node_ip_address="127.0.0.1", configure_logging=False,
-                # Ray runs workers at nice 15 by default; here they are the merge itself, and at
-                # 15 they lost the CPU to everything else, the driver's helper threads included.
-                _system_config={"worker_niceness": 0},
-            )
-        return True
-    if address != "auto":
-        _probe(address)
-    try:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
-    return False
-
-
-def shutdown_embedded() -> None:
-    """Stop the embedded cluster this process started, and wait for its processes to exit.
-
-    ``ray.shutdown`` stops the processes one by one, each with SIGTERM and up to 1 s of grace
-    before SIGKILL, which the autoscaler monitor outlasts. :func:`~mergeserve.cluster.ray_adapter.lean_head_node`
-    normally keeps it from starting; should it run anyway, it gets SIGKILL first (an embedded
-    cluster has nothing for it to scale). ``ray.shutdown`` then stops the rest (raylet and its
-    workers, GCS, dashboard) as usual.
-    """
-    import ray
-
-    from mergeserve.cluster.ray_adapter import kill_monitor
-
-    kill_monitor()
-    ray.shutdown()
-
-
-@contextmanager
-def ray_session(address: str | None):
-    """Ray connected (see :func:`connect`) for the block; an embedded cluster is stopped after it."""
-    own = connect(address)
-    try:
-        yield own
-    finally:
-        if own:
-            shutdown_embedded()
 
 
 def _auto_shard_size(config: Any, options: MergeOptions) -> int:
@@ -129,6 +59,7 @@ def merge_distributed(config: Any, out_dir: str | Path, options: MergeOptions | 
     o = MergeOptions.of(options, **changes)
     check_worker_count(o.workers)
     prep = _Preparation(config, out_dir, o)
+    handed = False
     try:
         import ray
 
@@ -139,12 +70,16 @@ def merge_distributed(config: Any, out_dir: str | Path, options: MergeOptions | 
 
             pool = WorkerPool.for_cluster(MergeWorker, o.workers)  # their start-up overlaps the rest of the planning
             try:
-                return _run(prep.result(), pool, o.progress, t0)
+                run = prep.result()
+                handed = True  # from here _run commits, keeps or discards the staging directory
+                return _run(run, pool, o.progress, t0)
             finally:
                 prep.stop()
                 pool.shutdown()
     finally:
         prep.stop()
+        if not handed:  # failed before the first tensor (e.g. an unreachable --address): leave nothing
+            prep.abandon()
 
 
 @dataclass
@@ -197,6 +132,11 @@ class _Preparation:
         assert self._run is not None
         return self._run
 
+    def abandon(self) -> None:
+        """Remove what planning created (see :func:`_abandon`), once it has stopped."""
+        if self._run is not None:
+            _abandon(self._run.stage)
+
     def stop(self) -> None:
         """Wait for the planning thread, then for the helpers' parts in progress."""
         self.decide(False)
@@ -210,7 +150,7 @@ def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> _Run:
     from mergeserve.cluster.parts import prepare_shard, split_parts
     from mergeserve.cluster.resume import load_done_shards, write_run_state
     from mergeserve.cluster.work import PartQueue
-    from mergeserve.merge.api import check_device, plan_merge
+    from mergeserve.merge.api import check_device, plan_merge, protected_inputs
     from mergeserve.merge.options import AUTO
     from mergeserve.merge.reader import fingerprint
     from mergeserve.merge.writer import StagingDir
@@ -220,16 +160,29 @@ def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> _Run:
     cfg, text, plan = plan_merge(config, o)
     if o.device != "cpu":
         check_device(o.device)
-    stage = StagingDir(out_dir, overwrite=o.overwrite or o.resume, resume=o.resume)
-    inputs = {m.ref: fingerprint(m.path) for m in plan.models}
-    done = load_done_shards(stage.path, plan, inputs) if o.resume else {}
-    if not o.resume:
-        write_run_state(stage.path, plan, inputs)
-    todo = [s for s in plan.shards if s.index not in done]
-    for s in todo:
-        prepare_shard(stage.path, s)
-    parts = split_parts(todo, max(o.workers or 0, os.cpu_count() or 1))
+    stage = StagingDir(out_dir, overwrite=o.overwrite or o.resume, resume=o.resume, protect=protected_inputs(plan, o.models_dir))
+    try:
+        inputs = {m.ref: fingerprint(m.path) for m in plan.models}
+        done = load_done_shards(stage.path, plan, inputs) if o.resume else {}
+        if not o.resume:
+            write_run_state(stage.path, plan, inputs)
+        todo = [s for s in plan.shards if s.index not in done]
+        for s in todo:
+            prepare_shard(stage.path, s)
+        parts = split_parts(todo, max(o.workers or 0, os.cpu_count() or 1))
+    except BaseException:
+        _abandon(stage)
+        raise
     return _Run(cfg, text, plan, stage, done, PartQueue(parts))
+
+
+def _abandon(stage) -> None:
+    """A run that failed before its first tensor: nothing of it stays (an interrupted run being
+    resumed stays as it was, for the next --resume)."""
+    if stage.resuming:
+        stage.release()
+    else:
+        stage.discard()
 
 
 def _run(run: _Run, pool: WorkerPool, progress: bool, t0: float) -> MergeResult:

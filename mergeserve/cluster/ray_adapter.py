@@ -13,7 +13,21 @@ options for them, so:
 - :func:`kill_monitor` SIGKILLs a monitor that started anyway, before ``ray.shutdown``.
 
 Both degrade to doing nothing if Ray's internals differ from what they expect: Ray then starts
-and stops those processes as usual, only slower. ``tests/cluster/test_ray_adapter.py`` fails,
+and stops those processes as usual, only slower. Three more, for an embedded cluster that only
+this machine may reach and that ends with its command (see cluster/session.py):
+
+- :func:`loopback_node`: Ray maps a 127.0.0.1 node address to the host's external one
+  (``ray._private.services.resolve_ip_for_localhost``) so that other nodes could join; an embedded
+  cluster has none, and its servers (GCS, raylet, workers, agents, metrics) bind loopback only
+  when its node address is 127.0.0.1;
+- :func:`node_pids`: the processes ``ray.init`` started (``ray._private.worker._global_node``),
+  for the guardian;
+- :func:`private_token_file`: Ray writes its token-auth token (``~/.ray/auth_token``) with the
+  process umask, readable by every local user; it is created, or narrowed, to its owner;
+- :func:`quiet_token_banner`: ``ray.init`` logs "Token authentication is enabled for this Ray
+  cluster..." (its ``authentication_token_setup`` logger, printed by Python's last-resort
+  handler) whenever it starts a cluster with token auth on by default: for an embedded cluster
+  an internal detail of one command, kept off the user's stderr. Auth stays on as Ray sets it. ``tests/cluster/test_ray_adapter.py`` fails,
 naming the symbol, when a Ray upgrade moves one of them.
 """
 
@@ -77,3 +91,61 @@ def kill_monitor() -> None:
                 info.process.wait(5)
     except Exception:  # noqa: BLE001 - Ray's internals moved: ray.shutdown still stops it, only slower
         pass
+
+
+@contextmanager
+def loopback_node():
+    """While ``ray.init`` starts an embedded cluster: its node address stays 127.0.0.1."""
+    from ray._private import services
+
+    original = services.resolve_ip_for_localhost
+    services.resolve_ip_for_localhost = lambda host: "127.0.0.1" if services.is_localhost(host) else original(host)
+    try:
+        yield
+    finally:
+        services.resolve_ip_for_localhost = original
+
+
+def node_pids() -> list[int]:
+    """PIDs of the processes ``ray.init`` started for the embedded cluster (GCS, raylet, ...)."""
+    try:
+        from ray._private import worker as ray_worker
+
+        return [info.process.pid for infos in ray_worker._global_node.all_processes.values() for info in infos]
+    except Exception:  # noqa: BLE001 - Ray's internals moved: the guardian then has nothing to watch
+        return []
+
+
+def private_token_file() -> None:
+    """Create Ray's auth token readable by its owner only, or narrow an existing one to that."""
+    import os
+
+    from ray._private.authentication import authentication_token_setup as setup
+
+    path = setup._get_default_token_path()
+    if not path.exists():
+        old = os.umask(0o077)
+        try:
+            setup.generate_and_save_token()
+        finally:
+            os.umask(old)
+    try:
+        os.chmod(path, 0o600)
+    except OSError:
+        pass  # not ours to change: Ray still refuses calls without it
+
+
+@contextmanager
+def quiet_token_banner():
+    """While ``ray.init`` starts an embedded cluster: no token-auth banner (see above)."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as setup
+
+    log = logging.getLogger(setup.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -73,12 +73,31 @@ def _verify(path: Path, rec: ShardResult) -> bool:
     return True
 
 
+def _read_state(path: Path) -> dict:
+    """The run state, or ResumeError if it is not one this code wrote (truncated, edited, corrupt)."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+        if isinstance(state, dict) and isinstance(state.get("plan"), str) and isinstance(state.get("inputs"), dict):
+            return state
+    except (OSError, ValueError, RecursionError):
+        pass
+    raise ResumeError(f"--resume: the run state {path} is corrupt or unreadable; start afresh without --resume")
+
+
+def _read_record(path: Path) -> ShardResult | None:
+    """A finished shard's record, or None if it is corrupt (the shard is then merged again)."""
+    try:
+        return ShardResult.from_dict(json.loads(path.read_bytes().decode("utf-8")))
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def load_done_shards(stage: Path, plan: MergePlan, inputs: dict[str, str]) -> dict[int, ShardResult]:
     """Verified finished shards of an interrupted run; raises ResumeError if it is another run."""
     state_file = stage / RUN_STATE
     if not state_file.exists():
         raise ResumeError(f"--resume: no interrupted run to resume at {stage}")
-    state = json.loads(state_file.read_text())
+    state = _read_state(state_file)
     changed = [ref for ref, fp in inputs.items() if state["inputs"].get(ref) != fp]
     if changed:
         raise ResumeError(f"--resume: input model(s) changed since the first run: {', '.join(changed)}; start afresh without --resume")
@@ -90,8 +109,8 @@ def load_done_shards(stage: Path, plan: MergePlan, inputs: dict[str, str]) -> di
         path = stage / shard.filename
         if not (rec_file.exists() and path.exists()):
             continue
-        rec = ShardResult.from_dict(json.loads(rec_file.read_text()))
-        if _verify(path, rec):
+        rec = _read_record(rec_file)
+        if rec is not None and _verify(path, rec):
             done[shard.index] = rec
         else:
             path.unlink(missing_ok=True)

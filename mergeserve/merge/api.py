@@ -28,6 +28,7 @@ from mergeserve.merge.executor import ShardResult, run_shard
 from mergeserve.merge.options import MergeOptions, parse_size
 from mergeserve.merge.outputs import check_tokenizer, write_metadata
 from mergeserve.merge.plan import MergePlan, build_plan
+from mergeserve.merge.untrusted import model_bound
 from mergeserve.merge.writer import StagingDir
 
 
@@ -121,7 +122,7 @@ def merge(
     cfg, text, plan = plan_merge(config, o)
     check_device(o.device)
     threads = (os.cpu_count() or 1) if o.device == "cpu" else 2
-    stage = StagingDir(out_dir, overwrite=o.overwrite)
+    stage = StagingDir(out_dir, overwrite=o.overwrite, protect=protected_inputs(plan, o.models_dir))
     sources = SourceCache(plan)
     results: list[ShardResult] = []
     try:
@@ -138,6 +139,12 @@ def merge(
     finally:
         sources.close()
     return MergeResult(out, plan, results, time.perf_counter() - t0, peak_rss_bytes())
+
+
+def protected_inputs(plan: MergePlan, models_dir: str | Path | None) -> list[Path]:
+    """What an output must stay clear of (see :class:`StagingDir`): each input model's folder (a
+    snapshot's whole Hugging Face cache repository) and ``--models-dir``."""
+    return [model_bound(m.path) for m in plan.models] + ([Path(models_dir)] if models_dir else [])
 
 
 def check_device(device: str) -> None:

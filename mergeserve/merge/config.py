@@ -232,15 +232,83 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         raise ConfigError.from_problems(_errors_to_problems(err), source) from None
 
 
-def load_config(path: str | Path) -> tuple[MergeConfig, str]:
-    """Read and validate a recipe file; returns the config and its original text."""
+# A recipe is a few KB (a long inline chat template, tens of KB). The node budget counts every node
+# as often as aliases repeat it: a few anchors in a real recipe stay far below it, while the
+# 810-byte "billion laughs" (nine aliases of nine aliases...) would expand to 9^9 nodes.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def read_text_file(path: str | Path, what: str = "recipe") -> str:
+    """A UTF-8 text file of at most MAX_RECIPE_BYTES; ConfigError naming the file otherwise."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
-        raise ConfigError(f"{p}: cannot read recipe: {e.strerror or e}") from None
+        raise ConfigError(f"{p}: cannot read {what}: {e.strerror or e}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{p}: {what} larger than {MAX_RECIPE_BYTES:,} bytes")
     try:
-        data = yaml.safe_load(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: {what} is not valid UTF-8 (byte {e.start})") from None
+
+
+def _expanded_size(root: yaml.Node, source: str) -> int:
+    """Nodes in the document once every alias is expanded (memoised: linear in the distinct
+    nodes); ConfigError past MAX_YAML_NODES or for a recursive alias."""
+    size: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in size:
+            continue
+        kids = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = node.value
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        if children_done:
+            active.discard(key)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            if size[key] > MAX_YAML_NODES:
+                raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} nodes (aliases repeat too much)")
+            continue
+        if key in active:
+            raise ConfigError(f"{source}: a YAML alias refers to a node that contains it")
+        active.add(key)
+        stack.append((node, True))
+        for k in kids:
+            if id(k) in active:
+                raise ConfigError(f"{source}: a YAML alias refers to a node that contains it")
+            stack.append((k, False))
+    return size[id(root)]
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with a budget: at most MAX_RECIPE_BYTES of text and MAX_YAML_NODES nodes
+    after alias expansion, checked on the composed node graph before any Python object is built."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_RECIPE_BYTES:,} characters")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, source)
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_config(data, str(p)), text
+        raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def load_config(path: str | Path) -> tuple[MergeConfig, str]:
+    """Read and validate a recipe file; returns the config and its original text."""
+    text = read_text_file(path)
+    return parse_config(load_yaml(text, str(path)), str(path)), text

@@ -2,7 +2,9 @@
 
 :func:`check_tokenizer` runs before any tensor is merged (a bad ``tokenizer_source`` or
 ``chat_template`` fails early); :func:`write_metadata` runs after the shards are written and
-before the staging directory is committed.
+before the staging directory is committed. Files are taken from the input models only when
+they resolve inside them (:func:`~mergeserve.merge.untrusted.model_file`): a ``tokenizer.json``
+linking to a private key is refused, not copied into the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mergeserve import __version__
-from mergeserve.errors import ConfigError, UnsupportedError
+from mergeserve.errors import ConfigError, InputError, UnsupportedError
 from mergeserve.merge.config import MergeConfig, ModelRef
 from mergeserve.merge.executor import ShardResult
 from mergeserve.merge.plan import MergePlan
 from mergeserve.merge.reader import fingerprint
+from mergeserve.merge.untrusted import model_file
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -52,12 +55,16 @@ BUILTIN_TEMPLATES = {
 
 
 def _template_of(model_dir: Path) -> str | None:
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text().strip()
+    jinja = model_file(model_dir, "chat_template.jinja")
+    if jinja:
+        try:
+            return jinja.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise InputError(f"{model_dir / 'chat_template.jinja'}: not valid UTF-8") from None
+    tc = model_file(model_dir, "tokenizer_config.json")
     try:
-        tpl = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
-    except (OSError, ValueError):
+        tpl = json.loads(tc.read_bytes()).get("chat_template") if tc else None
+    except (OSError, ValueError, RecursionError, AttributeError):
         return None
     if isinstance(tpl, list):  # named templates
         tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
@@ -97,8 +104,8 @@ def check_tokenizer(config: MergeConfig, plan: MergePlan) -> None:
     if how == "union":
         vocabs = set()
         for m in plan.models:
-            p = Path(m.path) / "tokenizer.json"
-            vocabs.add(p.read_bytes() if p.exists() else b"")
+            p = model_file(Path(m.path), "tokenizer.json")
+            vocabs.add(p.read_bytes() if p else b"")
         if len(vocabs) > 1:
             raise UnsupportedError(
                 "tokenizer_source: union of differing vocabularies is not supported yet; "
@@ -123,14 +130,11 @@ def write_metadata(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
     )
     (out / "config.json").write_text(plan.out_config)
-    donor_dir = Path(plan.models[plan.donor].path)
-    if (donor_dir / "generation_config.json").exists():
-        shutil.copy(donor_dir / "generation_config.json", out / "generation_config.json")
     tok_idx, _ = _tokenizer_donor(config, plan)
-    tok_dir = Path(plan.models[tok_idx].path)
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).exists():
-            shutil.copy(tok_dir / name, out / name)
+    copies = [(plan.models[plan.donor].path, "generation_config.json")] + [(plan.models[tok_idx].path, n) for n in TOKENIZER_FILES]
+    for model_dir, name in copies:
+        if src := model_file(Path(model_dir), name):
+            shutil.copy(src, out / name)
     template = resolve_chat_template(config, plan)
     if template:
         tc_path = out / "tokenizer_config.json"

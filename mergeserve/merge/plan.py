@@ -159,6 +159,44 @@ def resolve_model_path(ref: str, models_dir: str | Path | None = None) -> Path:
         ) from None
 
 
+def layer_prefix(names) -> str | None:
+    """The prefix of the layer tensors the planner walks: the first ``...layers.N.`` seen."""
+    return next((m["prefix"] for n in names if (m := LAYER_RE.match(n))), None)
+
+
+def check_model_config(cfg: dict, files: ModelFiles) -> int:
+    """The model's layer count, once its ``config.json`` agrees with its tensors: the fields the
+    planner reads have their types (``architectures`` a list of strings, ``model_type`` a string,
+    ``text_config`` an object), and ``num_hidden_layers`` (or ``text_config``'s), when given, is an
+    integer equal to the number of layers the tensors hold, numbered 0..N-1. InputError otherwise."""
+    where = f"{files.dir / 'config.json'}"
+    arch = cfg.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise InputError(f"{where}: architectures must be a list of strings, got {arch!r}")
+    if not isinstance(cfg.get("model_type", ""), str):
+        raise InputError(f"{where}: model_type must be a string, got {cfg['model_type']!r}")
+    text = cfg.get("text_config", {})
+    if not isinstance(text, dict):
+        raise InputError(f"{where}: text_config must be an object, got {type(text).__name__}")
+    if "num_hidden_layers" in cfg:
+        key, claimed = "num_hidden_layers", cfg["num_hidden_layers"]
+    else:
+        key, claimed = "text_config.num_hidden_layers", text.get("num_hidden_layers")
+    prefix = layer_prefix(files.tensors)
+    found = {int(m["idx"]) for k in files.tensors if (m := LAYER_RE.match(k)) and m["prefix"] == prefix}
+    count = max(found) + 1 if found else 0
+    if found != set(range(count)):
+        gaps = sorted(set(range(count)) - found)
+        raise InputError(f"model {files.label}: layer(s) {gaps[:5]} missing from the tensors ({prefix}0-{count - 1} otherwise present)")
+    if claimed is None:
+        return count
+    if type(claimed) is not int or claimed < 0:
+        raise InputError(f"{where}: {key} must be a non-negative integer, got {claimed!r}")
+    if claimed != count:
+        raise InputError(f"{where}: {key} is {claimed}, but the tensors hold {count} layers")
+    return count
+
+
 @dataclass
 class _Slice:
     sources: list[tuple[int, int, dict | None]]  # (model index, layer start, per-source params)
@@ -199,15 +237,11 @@ class Planner:
         self._index = {m.ref: i for i, m in enumerate(self.models)}
         self.files = [ModelFiles(m.path, allow_pickle=allow_pickle, label=m.ref) for m in self.models]
         self.model_configs = [f.config() for f in self.files]
+        self.layer_counts = [check_model_config(c, f) for c, f in zip(self.model_configs, self.files, strict=True)]
 
     # -- structure -------------------------------------------------------------------------
     def _num_layers(self, i: int) -> int:
-        cfg = self.model_configs[i]
-        n = cfg.get("num_hidden_layers", cfg.get("text_config", {}).get("num_hidden_layers"))
-        if n is None:
-            idx = [int(m["idx"]) for k in self.files[i].tensors if (m := LAYER_RE.match(k))]
-            n = max(idx) + 1 if idx else 0
-        return int(n)
+        return self.layer_counts[i]
 
     def _slices(self) -> list[_Slice]:
         c = self.config
@@ -373,12 +407,11 @@ class Planner:
         donor = self._index[str(self.config.base_model)] if self.config.base_model else 0
         names = list(self.files[donor].tensors)
         layer_suffixes: list[str] = []
-        prefix = None
+        prefix = layer_prefix(names)
         pre, post = [], []
         for n in names:
             m = LAYER_RE.match(n)
             if m:
-                prefix = prefix or m["prefix"]
                 if m["suffix"] not in layer_suffixes:
                     layer_suffixes.append(m["suffix"])
             elif "embed" in n:

@@ -164,17 +164,6 @@ def _become_subreaper() -> None:
         pass  # not Linux/glibc: orphans go to init as usual
 
 
-def loopback_node() -> None:
-    """Make the next embedded Ray node 127.0.0.1, so that its servers (GCS, raylet, workers,
-    agents, metrics) listen on loopback only. Ray maps a 127.0.0.1 node address to the host's
-    external one (``ray._private.services.resolve_ip_for_localhost``) so that other nodes could
-    join; a one-machine server has none, and its C++ servers bind loopback only when the node is
-    127.0.0.1."""
-    from ray._private import services
-
-    services.resolve_ip_for_localhost = lambda host: "127.0.0.1" if services.is_localhost(host) else host
-
-
 def _raise_if_failed(models: list[str]) -> None:
     """Stop waiting at once when Serve has given up on a model's application."""
     from ray import serve
@@ -267,13 +256,10 @@ class Server:
             else:
                 # Each LLMServer replica reserves 2 CPUs; on a small machine oversubscribe so that
                 # every replica schedules (the engine itself uses one core, the front end another).
+                from mergeserve.cluster.session import start_embedded
+
                 n = engines * (self.opts.replicas if isinstance(self.opts.replicas, int) else 1)
-                if self.opts.host in LOOPBACK_HOSTS:
-                    loopback_node()
-                ray.init(
-                    address="local", num_cpus=max(os.cpu_count() or 1, 2 * n + 2), include_dashboard=False,
-                    log_to_driver=False, _metrics_export_port=self.opts.metrics_port, _node_ip_address="127.0.0.1",
-                )
+                start_embedded(num_cpus=max(os.cpu_count() or 1, 2 * n + 2), _metrics_export_port=self.opts.metrics_port)
                 self.own_ray = True
         except (ConnectionError, RuntimeError, ValueError) as e:
             self.stop()
@@ -327,7 +313,12 @@ class Server:
             pass
         finally:
             if ray.is_initialized():
-                ray.shutdown()
+                if self.own_ray:
+                    from mergeserve.cluster.session import shutdown_embedded
+
+                    shutdown_embedded()
+                else:
+                    ray.shutdown()
             reap(family, timeout=15)  # e.g. VLLM::EngineCore orphaned by its replica: end it by PID
             if self._run_dir:
                 shutil.rmtree(self._run_dir, ignore_errors=True)

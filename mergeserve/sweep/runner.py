@@ -154,8 +154,8 @@ def _execute(run: SweepRun, prep: Prepared, done: dict, address: str | None, wor
     variants, written."""
     from tqdm import tqdm
 
-    from mergeserve.cluster.driver import ray_session
     from mergeserve.cluster.pool import WorkerPool
+    from mergeserve.cluster.session import ray_session
     from mergeserve.sweep.worker import SweepWorker
 
     with ray_session(address):

@@ -28,11 +28,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergeserve.errors import ConfigError
-from mergeserve.merge.config import _errors_to_problems
+from mergeserve.merge.config import _errors_to_problems, load_yaml, read_text_file
 
 AxisValue = bool | int | float | str | list[int | float]
 PATH_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[[^\]]*\])*)")
@@ -131,12 +130,7 @@ def parse_path(path: str) -> list[tuple[str, list[str]]]:
 def load_spec(path: str | Path) -> tuple[SweepSpec, Path]:
     """Read and validate a spec file; returns it and the directory its relative paths start from."""
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read sweep spec: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = load_yaml(read_text_file(p, "sweep spec"), str(p))
     return parse_spec(data, str(p)), p.parent.absolute()
 
 
