@@ -18,7 +18,7 @@ class Worker:
         # The engine (and torch) is imported here, when the actor starts, so that the import
         # overlaps the driver's planning instead of delaying the first task.
         from mergeserve.cluster.pool import worker_name
-        from mergeserve.merge.execute import tune_malloc
+        from mergeserve.merge.memory import tune_malloc
 
         tune_malloc()
         self.device = device

@@ -1,11 +1,13 @@
 """The distributed merge driver: plan, dispatch shards to Ray actors, assemble, commit.
 
-Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
+Flow (``mergeserve merge CONFIG OUT --address ADDRESS [--workers N] [--resume]``; without an
+address the merge runs in one process, :func:`mergeserve.merge.api.merge`):
 
 1. Validate the recipe and every input header, build the plan (no Ray needed). Ray start-up runs
    in a background thread meanwhile, so that the two overlap.
-2. Connect: a local Ray sized to this machine when no ``--address``; ``auto`` or ``ray://host:port``
-   (or ``host:port``) joins an existing cluster. An unreachable address fails within seconds.
+2. Connect: ``local`` starts a Ray sized to this machine (so does no address, from Python);
+   ``auto`` or ``ray://host:port`` (or ``host:port``) joins an existing cluster. An unreachable
+   address fails within seconds.
 3. Each shard is cut into parts (runs of whole tensors, see :mod:`~mergeserve.cluster.parts`),
    so that every worker has work even when ``--out-shard-size`` makes one file. A pool of
    :class:`~mergeserve.cluster.actors.MergeWorker` actors runs the parts; with an embedded Ray the
@@ -13,8 +15,12 @@ Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
    :mod:`~mergeserve.cluster.work`). Inputs must be on a filesystem every node sees (the same
    paths), and so must OUT's parent directory.
 4. The driver writes index, config, tokenizer, card and manifest, then renames the staging
-   directory into place. ``--resume`` reuses the staging directory of an interrupted run: it
-   refuses if the recipe or any input changed, verifies finished shards by sha256, redoes the rest.
+   directory into place. ``--resume`` reuses the staging directory of an interrupted run (see
+   :mod:`mergeserve.merge.resume`): it refuses another recipe, verifies finished shards and the
+   input bytes they read, and redoes the rest.
+
+Each worker reads its parts' sources ahead of its math (:mod:`mergeserve.merge.readahead`), so the
+same read pipeline runs on every node.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergeserve.cluster.session import ray_session
-from mergeserve.errors import ConfigError, InputError, ResourceError
+from mergeserve.cluster.session import EMBEDDED, ray_session
+from mergeserve.errors import ResourceError
 
 if TYPE_CHECKING:
     from mergeserve.cluster.pool import WorkerPool
@@ -63,7 +69,8 @@ def merge_distributed(config: Any, out_dir: str | Path, options: MergeOptions | 
     try:
         import ray
 
-        prep.decide(helpers=o.address is None and not ray.is_initialized() and o.device == "cpu")
+        embedded = o.address in (None, EMBEDDED) and not ray.is_initialized()
+        prep.decide(helpers=embedded and o.device == "cpu")
         with ray_session(o.address):
             from mergeserve.cluster.actors import MergeWorker
             from mergeserve.cluster.pool import WorkerPool
@@ -72,7 +79,7 @@ def merge_distributed(config: Any, out_dir: str | Path, options: MergeOptions | 
             try:
                 run = prep.result()
                 handed = True  # from here _run commits, keeps or discards the staging directory
-                return _run(run, pool, o.progress, t0)
+                return _run(run, pool, o.progress, t0, _where(embedded, o.address, pool))
             finally:
                 prep.stop()
                 pool.shutdown()
@@ -133,9 +140,11 @@ class _Preparation:
         return self._run
 
     def abandon(self) -> None:
-        """Remove what planning created (see :func:`_abandon`), once it has stopped."""
+        """Remove what planning created (see :func:`~mergeserve.merge.resume.abandon`), once it has stopped."""
+        from mergeserve.merge.resume import abandon
+
         if self._run is not None:
-            _abandon(self._run.stage)
+            abandon(self._run.stage)
 
     def stop(self) -> None:
         """Wait for the planning thread, then for the helpers' parts in progress."""
@@ -148,11 +157,11 @@ class _Preparation:
 def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> _Run:
     """Everything before the first tensor: plan, staging directory, resume check, parts, shard files."""
     from mergeserve.cluster.parts import prepare_shard, split_parts
-    from mergeserve.cluster.resume import load_done_shards, write_run_state
     from mergeserve.cluster.work import PartQueue
     from mergeserve.merge.api import check_device, plan_merge, protected_inputs
+    from mergeserve.merge.execute import SourceCache
     from mergeserve.merge.options import AUTO
-    from mergeserve.merge.reader import fingerprint
+    from mergeserve.merge.resume import abandon, load_done_shards, write_run_state
     from mergeserve.merge.writer import StagingDir
 
     if o.out_shard_size in (None, AUTO):
@@ -162,61 +171,55 @@ def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> _Run:
         check_device(o.device)
     stage = StagingDir(out_dir, overwrite=o.overwrite or o.resume, resume=o.resume, protect=protected_inputs(plan, o.models_dir))
     try:
-        inputs = {m.ref: fingerprint(m.path) for m in plan.models}
-        done = load_done_shards(stage.path, plan, inputs) if o.resume else {}
-        if not o.resume:
-            write_run_state(stage.path, plan, inputs)
+        if o.resume:
+            sources = SourceCache(plan)
+            try:
+                done = load_done_shards(stage.path, plan, sources)
+            finally:
+                sources.close()
+        else:
+            done = {}
+            write_run_state(stage.path, plan)
         todo = [s for s in plan.shards if s.index not in done]
         for s in todo:
             prepare_shard(stage.path, s)
         parts = split_parts(todo, max(o.workers or 0, os.cpu_count() or 1))
     except BaseException:
-        _abandon(stage)
+        abandon(stage)
         raise
     return _Run(cfg, text, plan, stage, done, PartQueue(parts))
 
 
-def _abandon(stage) -> None:
-    """A run that failed before its first tensor: nothing of it stays (an interrupted run being
-    resumed stays as it was, for the next --resume)."""
-    if stage.resuming:
-        stage.release()
-    else:
-        stage.discard()
+def _where(embedded: bool, address: str | None, pool: WorkerPool) -> str:
+    import ray
+
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    workers = f"{len(pool.actors)} worker(s) on {nodes} node(s)"
+    return f"on a Ray started on this machine: {workers}" if embedded else f"on the Ray cluster at {address or 'this driver'}: {workers}"
 
 
-def _run(run: _Run, pool: WorkerPool, progress: bool, t0: float) -> MergeResult:
-    from mergeserve.cluster.resume import clear_run_state
+def _run(run: _Run, pool: WorkerPool, progress: bool, t0: float, where: str) -> MergeResult:
     from mergeserve.merge.api import MergeResult, progress_bar
-    from mergeserve.merge.execute import peak_rss_bytes
+    from mergeserve.merge.memory import peak_rss_bytes
     from mergeserve.merge.outputs import write_metadata
+    from mergeserve.merge.phases import summed
+    from mergeserve.merge.resume import clear_run_state, kept_for_resume
 
     plan, stage, work = run.plan, run.stage, run.work
     results = list(run.done.values())
     parts = []
-    keep_partial = True
-    try:
-        with progress_bar(plan, progress) as bar:
-            bar.update(sum(r.bytes_written for r in results))
-            if work.parts:
-                shard_results, parts = _dispatch(plan, work, pool, str(stage.path), bar)
-                results += shard_results
-        write_metadata(stage.path, run.cfg, run.text, plan, results, seconds=time.perf_counter() - t0)
-        clear_run_state(stage.path, plan)
-        out = stage.commit()
-    except (InputError, ConfigError, ResourceError):
-        keep_partial = False
-        raise
-    except BaseException:
-        if any(True for _ in stage.path.glob("*.safetensors")):
-            import sys
-
-            print(f"mergeserve: partial results kept in {stage.path}; rerun with --resume to finish", file=sys.stderr)
-        raise
-    finally:
-        work.stop_helpers(wait=True)  # nothing may write into the staging directory after this
-        if not keep_partial:
-            stage.discard()
+    with kept_for_resume(stage):
+        try:
+            with progress_bar(plan, progress) as bar:
+                bar.update(sum(r.bytes_written for r in results))
+                if work.parts:
+                    shard_results, parts = _dispatch(plan, work, pool, str(stage.path), bar)
+                    results += shard_results
+            write_metadata(stage.path, run.cfg, run.text, plan, results, seconds=time.perf_counter() - t0)
+            clear_run_state(stage.path, plan)
+            out = stage.commit()
+        finally:
+            work.stop_helpers(wait=True)  # nothing may write into the staging directory after this
     workers_rss: dict[str, int] = {}
     for r in parts:
         if r.worker != "driver":
@@ -225,6 +228,7 @@ def _run(run: _Run, pool: WorkerPool, progress: bool, t0: float) -> MergeResult:
     return MergeResult(
         out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), workers_rss, len(run.done),
         driver_parts=len(local), driver_bytes=sum(r.part.bytes_written for r in local), parts=len(parts),
+        where=where, cpu=summed(r.cpu for r in parts), read_wait=sum(r.read_wait for r in parts),
     )
 
 

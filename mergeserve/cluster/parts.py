@@ -6,8 +6,9 @@ into *parts* (consecutive tensors, a few per worker), creates the shard's ``.tmp
 final size with its header (the plan knows every tensor's offset), and any worker (a Ray actor,
 or the driver itself while Ray starts) merges a part and writes its tensors at their offsets.
 When every part of a shard is in, the driver renames the ``.tmp`` file into place and then writes
-the shard's record (tensor names, shapes, sha256) for ``--resume``: a record on disk still implies
-a complete shard, and an interrupted shard is redone whole. A retried part (its actor was killed)
+the shard's record (tensor digests, and the digest of the sources its parts read) for
+``--resume``: a record on disk still implies a complete shard, and an interrupted shard is redone
+whole. A retried part (its actor was killed)
 rewrites the same bytes: every tensor is a deterministic function of the plan.
 """
 
@@ -16,13 +17,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergeserve.cluster.resume import write_done_record
-from mergeserve.merge.execute import SourceCache, peak_rss_bytes
-from mergeserve.merge.executor import Executor, ShardResult, TensorRecord, tensor_records
+from mergeserve.merge.execute import SourceCache
+from mergeserve.merge.executor import Executor, ShardResult, TensorRecord, sources_digest, tensor_records
+from mergeserve.merge.memory import peak_rss_bytes
+from mergeserve.merge.phases import summed
 from mergeserve.merge.plan import MergePlan, ShardTask
+from mergeserve.merge.readahead import Key
+from mergeserve.merge.resume import write_done_record
 from mergeserve.merge.writer import ShardLayout, SlotWriter, create_sized, tmp_path
 
 PARTS_PER_WORKER = 16
@@ -46,6 +50,9 @@ class PartResult:
     seconds: float
     peak_rss: int  # bytes, of the process that merged it
     worker: str
+    digests: dict[Key, str] = field(default_factory=dict)  # of each source tensor it read
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU-seconds by phase
+    read_wait: float = 0.0  # seconds its merge thread waited for reads
 
 
 def split_parts(shards: Sequence[ShardTask], workers: int) -> list[Part]:
@@ -86,13 +93,12 @@ def run_part(
     count = sum(len(t.outputs()) for t in tasks)
     slots = ShardLayout(shard.outputs()).tensors[first : first + count]
     writer = SlotWriter(tmp_path(Path(out_dir) / shard.filename), slots)
-    done, (hashes,) = Executor(sources, device).run(
-        [plan.method], [(t,) for t in tasks], [writer], label=shard.filename, should_stop=should_stop
-    )
+    outcome = Executor(sources, device).run([plan.method], [(t,) for t in tasks], [writer], label=shard.filename, should_stop=should_stop)
+    done = outcome.done
     if done < len(tasks):
         part = Part(part.shard, part.start, part.start + done, sum(t.bytes_out for t in tasks[:done]))
-    records = tensor_records([e for t in tasks[:done] for e in t.outputs()], hashes)
-    return PartResult(part, records, time.perf_counter() - t0, peak_rss_bytes(), worker)
+    records = tensor_records([e for t in tasks[:done] for e in t.outputs()], outcome.hashes[0])
+    return PartResult(part, records, time.perf_counter() - t0, peak_rss_bytes(), worker, outcome.digests, outcome.cpu, outcome.read_wait)
 
 
 class ShardAssembler:
@@ -125,6 +131,8 @@ class ShardAssembler:
         result = ShardResult(
             shard.index, shard.filename, tuple(t for r in got for t in r.tensors), shard.bytes_read, shard.bytes_written,
             sum(r.seconds for r in got), max(r.peak_rss for r in got), ",".join(workers),
+            sources_digest(self.plan.models, {k: d for r in got for k, d in r.digests.items()}), summed(r.cpu for r in got),
+            sum(r.read_wait for r in got),
         )
         write_done_record(self.out_dir, result)
         self.results.append(result)

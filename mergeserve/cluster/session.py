@@ -1,6 +1,6 @@
 """Ray for one command: an embedded cluster on this machine, or an existing cluster joined.
 
-An embedded cluster (no ``--address``) belongs to the command that starts it, so it is set up for
+An embedded cluster (``--address local``) belongs to the command that starts it, so it is set up for
 that: lean (no autoscaler, log monitor or API server), reachable only from this machine (its
 servers listen on loopback), quiet (no token-auth banner on the user's stderr; token auth stays
 on), with its token file readable by its owner only, and guarded: its processes end with the
@@ -24,7 +24,7 @@ def probe(address: str, timeout: float = 3.0) -> None:
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise ClusterError(f"--address {address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
+        raise ClusterError(f"--address {address!r}: expected 'local', 'auto', 'host:port' or 'ray://host:port'")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
@@ -55,13 +55,17 @@ def start_embedded(**init_kwargs: Any) -> None:
     guardian.track(ray_adapter.node_pids())
 
 
+EMBEDDED = "local"  # --address local: a Ray started on this machine for this command
+
+
 def connect(address: str | None, **init_kwargs: Any) -> bool:
-    """Initialise Ray; returns True if this call started an embedded cluster (to stop after)."""
+    """Initialise Ray (None or EMBEDDED: an embedded cluster); returns True if this call started an
+    embedded cluster (to stop after)."""
     import ray
 
     if ray.is_initialized():
         return False
-    if address is None:
+    if address in (None, EMBEDDED):
         start_embedded(**init_kwargs)
         return True
     if address != "auto":

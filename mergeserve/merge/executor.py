@@ -1,6 +1,6 @@
 """The one loop that computes merged tensors and writes them: :class:`Executor`.
 
-A whole shard (:func:`run_shard`: ``mergeserve merge --local``), a part of a shard (a Ray actor or
+A whole shard (:func:`run_shard`: ``mergeserve merge`` in one process), a part of a shard (a Ray actor or
 the driver's helper thread, :func:`mergeserve.cluster.parts.run_part`) and a shard of every
 variant of a sweep batch (:func:`mergeserve.merge.multi.run_shard_many`) all run through
 :meth:`Executor.run`, so their tensors are equal bit for bit.
@@ -10,9 +10,11 @@ The executor walks *positions* in plan order: position ``i`` is one output tenso
 :func:`~mergeserve.merge.execute.compute_position`. Up to ``threads`` positions are computed at
 once (each torch op single-threaded, see :func:`~mergeserve.merge.execute.deterministic_threads`),
 and their tensors are handed in plan order to one :class:`Sink` per variant: a file writer (which
-hashes and stores on its own thread) or a dict in memory. Sources are read through a
-:class:`~mergeserve.merge.execute.SourceCache`; since the executor knows every position before it
-starts, a reader that fetches sources ahead of the math, in file order, fits in front of it.
+hashes and stores on its own thread) or a dict in memory. Sources come from a
+:class:`~mergeserve.merge.readahead.ReadAhead` over the positions: its threads read the sources in
+order ahead of the math (at most its budget in memory), so the disk reads while the math runs and
+the writer writes. Each run reports the CPU time of every phase and a digest of every source
+tensor it read (:class:`Outcome`).
 """
 
 from __future__ import annotations
@@ -23,23 +25,25 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import torch
 
+from mergeserve.merge.digest import new_digest
 from mergeserve.merge.execute import (
     Outputs,
     SourceCache,
     compute_position,
     deterministic_threads,
     oom_names,
-    peak_rss_bytes,
-    tune_malloc,
 )
-from mergeserve.merge.plan import MergePlan, ShardTask, TensorTask
-from mergeserve.merge.writer import ShardWriter, tmp_path
+from mergeserve.merge.memory import peak_rss_bytes, tune_malloc
+from mergeserve.merge.phases import PhaseClock
+from mergeserve.merge.plan import MergePlan, ModelInput, ShardTask, TensorTask
+from mergeserve.merge.readahead import Key, ReadAhead
+from mergeserve.merge.writer import ShardLayout, SlotWriter, tmp_path
 
 Entries = Sequence[tuple[str, str, tuple[int, ...]]]  # (name, dtype code, shape), in file order
 T = TypeVar("T")
@@ -50,7 +54,7 @@ class TensorRecord:
     name: str
     shape: tuple[int, ...]
     dtype: str
-    sha256: str
+    digest: str  # of the stored bytes (see merge.digest)
 
 
 @dataclass(frozen=True)
@@ -63,16 +67,46 @@ class ShardResult:
     seconds: float
     peak_rss: int  # bytes, of the process that ran it
     worker: str = "local"
+    sources_digest: str = ""  # of every source tensor it read (see sources_digest), for --resume
+    cpu: dict = field(default_factory=dict)  # CPU-seconds by phase (merge.phases)
+    read_wait: float = 0.0  # seconds its merge threads waited for reads (see Outcome)
 
     @classmethod
     def from_dict(cls, raw: dict) -> ShardResult:
         """The inverse of ``dataclasses.asdict`` (a record read back from JSON)."""
-        tensors = tuple(TensorRecord(t["name"], tuple(t["shape"]), t["dtype"], t["sha256"]) for t in raw["tensors"])
+        tensors = tuple(TensorRecord(t["name"], tuple(t["shape"]), t["dtype"], t["digest"]) for t in raw["tensors"])
         return cls(**{**raw, "tensors": tensors})
 
 
 def tensor_records(entries: Entries, hashes: dict[str, str]) -> tuple[TensorRecord, ...]:
     return tuple(TensorRecord(name, tuple(shape), dtype, hashes[name]) for name, dtype, shape in entries)
+
+
+def sources_digest(models: Sequence[ModelInput], digests: dict[Key, str]) -> str:
+    """One digest of the source tensors a shard read: each (model, tensor name, digest of its
+    bytes), sorted, so that it does not depend on how the shard was cut into parts or read."""
+    h = new_digest()
+    for (m, name), d in sorted(digests.items()):
+        h.update(f"{m}\0{models[m].ref}\0{name}\0{d}\n".encode())
+    return h.hexdigest()
+
+
+def position_keys(positions: Sequence[Sequence[TensorTask]]) -> list[tuple[Key, ...]]:
+    """The source tensors of each position (every variant of a position reads the same)."""
+    return [tuple(p[0].sources) for p in positions]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What :meth:`Executor.run` did: positions done, each sink's {name: digest}, CPU-seconds by
+    phase, the digest of every source tensor of the positions done, and how long the merge
+    threads waited for reads (seconds, summed over them: near zero unless the disk is the bound)."""
+
+    done: int
+    hashes: list[dict[str, str]]
+    cpu: dict[str, float]
+    digests: dict[Key, str]
+    read_wait: float = 0.0
 
 
 class Sink(Protocol):
@@ -81,7 +115,7 @@ class Sink(Protocol):
     def write(self, name: str, tensor: torch.Tensor) -> None: ...
 
     def close(self, partial: bool = False) -> dict[str, str]:
-        """Finish (``partial``: after only the first tensors); returns {name: sha256} where hashed."""
+        """Finish (``partial``: after only the first tensors); returns {name: digest} where hashed."""
         ...
 
     def abort(self) -> None: ...
@@ -149,19 +183,27 @@ class Executor:
         label: str,
         on_position: Callable[[int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> tuple[int, list[dict[str, str]]]:
+    ) -> Outcome:
         """Compute ``positions`` in order; variant ``v`` (``positions[i][v]`` merged by ``methods[v]``)
         goes to ``sinks[v]``. ``label`` (the shard's file name) names the shard in errors.
 
         ``on_position(i)`` runs once position ``i`` is handed to the sinks; ``should_stop`` is asked
-        after each position but the last, and stops the run there when it says so. Returns (positions
-        done, each sink's hashes); on any error every sink is aborted and the error re-raised.
+        after each position but the last, and stops the run there when it says so. On any error
+        every sink is aborted and the error re-raised.
         """
         tune_malloc()
         done = 0
+        clock = PhaseClock()
+        keys = position_keys(positions)
+        reads = ReadAhead(self.sources, keys)
 
         def compute(i: int) -> list[Outputs]:
-            return compute_position(positions[i], methods, self.sources, self.device)
+            try:
+                outs = compute_position(positions[i], methods, reads.view(i), self.device, clock)  # type: ignore[arg-type]
+                # A method may hand back a source unchanged (passthrough): it must outlive the read buffer.
+                return [[(n, t.clone() if reads.owns(t) else t) for n, t in o] for o in outs]
+            finally:
+                reads.finish(i)
 
         def emit(i: int, result: Callable[[], list[Outputs]]) -> bool:
             nonlocal done
@@ -177,13 +219,21 @@ class Executor:
             return should_stop is not None and done < len(positions) and should_stop()
 
         try:
-            with deterministic_threads():
-                in_order(compute, len(positions), self.threads, emit)
-            return done, [s.close(partial=done < len(positions)) for s in sinks]
+            try:
+                with deterministic_threads():
+                    in_order(compute, len(positions), self.threads, emit)
+            finally:
+                reads.close()
+            hashes = [s.close(partial=done < len(positions)) for s in sinks]
         except BaseException:
             for s in sinks:
                 s.abort()
             raise
+        clock.add_all(reads.clock.seconds)
+        for s in sinks:
+            clock.add_all(getattr(s, "cpu", {}))
+        digests = {k: reads.digests[k] for ks in keys[:done] for k in ks}
+        return Outcome(done, hashes, clock.as_dict(), digests, reads.waited)
 
 
 @contextmanager
@@ -199,16 +249,28 @@ def sources_for(plan: MergePlan, sources: SourceCache | None) -> Iterator[Source
         own.close()
 
 
-def commit_shard(shard: ShardTask, out_dir: str | Path, hashes: dict[str, str], seconds: float, worker: str) -> ShardResult:
-    """Rename the shard's finished ``.tmp`` file into place; its result."""
+def commit_shard(
+    plan: MergePlan, shard: ShardTask, out_dir: str | Path, outcome: Outcome, v: int, seconds: float, worker: str
+) -> ShardResult:
+    """Rename the shard's finished ``.tmp`` file into place; its result (``v``: which sink's hashes)."""
     final = Path(out_dir) / shard.filename
     try:
         os.replace(tmp_path(final), final)
     except BaseException:
         tmp_path(final).unlink(missing_ok=True)
         raise
-    records = tensor_records(shard.outputs(), hashes)
-    return ShardResult(shard.index, shard.filename, records, shard.bytes_read, shard.bytes_written, seconds, peak_rss_bytes(), worker)
+    records = tensor_records(shard.outputs(), outcome.hashes[v])
+    return ShardResult(
+        shard.index, shard.filename, records, shard.bytes_read, shard.bytes_written, seconds, peak_rss_bytes(), worker,
+        sources_digest(plan.models, outcome.digests), outcome.cpu, outcome.read_wait,
+    )
+
+
+def shard_writer(path: str | Path, shard: ShardTask) -> SlotWriter:
+    """A writer of every tensor of ``shard`` into a new file at ``path``: pre-sized, filled with
+    O_DIRECT writes (filling fresh page-cache pages costs more CPU than the merge math on a small
+    machine, and a merge's output is not read back by it)."""
+    return SlotWriter.whole_file(path, ShardLayout(shard.outputs()))
 
 
 def run_shard(
@@ -230,8 +292,8 @@ def run_shard(
     t0 = time.perf_counter()
     report = None if on_tensor is None else (lambda i: on_tensor(shard.tensors[i].bytes_out))
     with sources_for(plan, sources) as src:
-        writer = ShardWriter(tmp_path(Path(out_dir) / shard.filename), shard.outputs())
-        _, (hashes,) = Executor(src, device, threads).run(
+        writer = shard_writer(tmp_path(Path(out_dir) / shard.filename), shard)
+        outcome = Executor(src, device, threads).run(
             [plan.method], [(t,) for t in shard.tensors], [writer], label=shard.filename, on_position=report
         )
-    return commit_shard(shard, out_dir, hashes, time.perf_counter() - t0, worker)
+    return commit_shard(plan, shard, out_dir, outcome, 0, time.perf_counter() - t0, worker)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from mergeserve.merge.execute import SourceCache
-from mergeserve.merge.executor import Executor, MemorySink, ShardResult, Sink, commit_shard, sources_for
+from mergeserve.merge.executor import Executor, MemorySink, ShardResult, Sink, commit_shard, shard_writer, sources_for
 from mergeserve.merge.plan import MergePlan
-from mergeserve.merge.writer import ShardLayout, SlotWriter, tmp_path
+from mergeserve.merge.writer import tmp_path
 
 
 def structure_key(plan: MergePlan) -> str:
@@ -70,25 +70,23 @@ def run_shard_many(
                 on_position(sum(src[m].info(n).nbytes for m, n in positions[i][0].sources))
 
         sinks = _sinks(shards, out_dirs)
-        _, hashes = Executor(src, device, threads).run(
+        outcome = Executor(src, device, threads).run(
             [p.method for p in plans], positions, sinks, label=shards[0].filename, on_position=report
         )
     if out_dirs is None:
         return [s.tensors for s in sinks]  # type: ignore[attr-defined]
     seconds = time.perf_counter() - t0
-    return [commit_shard(s, d, h, seconds, worker) for s, d, h in zip(shards, out_dirs, hashes)]
+    return [commit_shard(p, s, d, outcome, v, seconds, worker) for v, (p, s, d) in enumerate(zip(plans, shards, out_dirs))]
 
 
 def _sinks(shards: Sequence, out_dirs: Sequence[str | Path] | None) -> list[Sink]:
-    """In memory, or one file per variant: pre-sized and filled with O_DIRECT writes (SlotWriter),
-    since a sweep writes many checkpoints and filling fresh page-cache pages would cost more CPU
-    than the merge."""
+    """In memory, or one file per variant (see :func:`~mergeserve.merge.executor.shard_writer`)."""
     if out_dirs is None:
         return [MemorySink() for _ in shards]
     sinks: list[Sink] = []
     try:
         for d, s in zip(out_dirs, shards):
-            sinks.append(SlotWriter.whole_file(tmp_path(Path(d) / s.filename), ShardLayout(s.outputs())))
+            sinks.append(shard_writer(tmp_path(Path(d) / s.filename), s))
     except BaseException:
         for w in sinks:
             w.abort()

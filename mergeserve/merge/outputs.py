@@ -18,7 +18,9 @@ from pathlib import Path
 from mergeserve import __version__
 from mergeserve.errors import ConfigError, InputError, UnsupportedError
 from mergeserve.merge.config import MergeConfig, ModelRef
+from mergeserve.merge.digest import DIGEST
 from mergeserve.merge.executor import ShardResult
+from mergeserve.merge.phases import summed
 from mergeserve.merge.plan import MergePlan
 from mergeserve.merge.reader import fingerprint
 from mergeserve.merge.untrusted import model_file
@@ -151,9 +153,11 @@ def write_metadata(
         "plan_fingerprint": plan.fingerprint,
         "seed": plan.seed,
         "seconds": round(seconds, 3),
+        "cpu_seconds": summed(s.cpu for s in results),  # by phase, over every shard (one reused by --resume: its first run)
         "inputs": {m.ref: {"path": m.path, "fingerprint": fingerprint(m.path)} for m in plan.models},
+        "digest": DIGEST,
         "shards": {
-            s.filename: {n.name: {"shape": list(n.shape), "dtype": n.dtype, "sha256": n.sha256} for n in s.tensors}
+            s.filename: {n.name: {"shape": list(n.shape), "dtype": n.dtype, DIGEST: n.digest} for n in s.tensors}
             for s in sorted(results, key=lambda s: s.index)
         },
     }

@@ -14,15 +14,19 @@ they load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import mmap
 import os
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from mergeserve.errors import InputError
@@ -236,6 +240,27 @@ class ModelFiles:
                 self._maps[file] = m
             return m
 
+    def in_memory(self, name: str) -> bool:
+        """Whether ``name`` was loaded into memory (a pickle checkpoint) rather than mapped."""
+        return self.info(name).file in self._pickled
+
+    def resident(self, name: str) -> bool:
+        """Whether all of ``name``'s bytes are in the page cache now (``mincore``; False where unknown)."""
+        info = self.info(name)
+        if info.file in self._pickled or info.end <= info.start:
+            return True
+        return _resident(self._map(info.file), info.start, info.end)
+
+    def raw(self, name: str) -> memoryview:
+        """The stored bytes of ``name`` (a view of the mapping, or of the loaded tensor)."""
+        info = self.info(name)
+        if info.file in self._pickled:
+            t = self._pickled[info.file][name].contiguous()
+            return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+        if info.end <= info.start:
+            return memoryview(b"")
+        return memoryview(self._map(info.file))[info.start : info.end]
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``: a read-only view of the page cache (do not modify in place)."""
         info = self.info(name)
@@ -271,6 +296,22 @@ class ModelFiles:
             except BufferError:
                 pass  # a view is still alive; the mapping goes when it does
         self._maps.clear()
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _resident(m: mmap.mmap, start: int, end: int) -> bool:
+    """Whether bytes ``start``..``end`` of the file mapped by ``m`` are all in the page cache."""
+    if _LIBC is None:
+        return False
+    a = start - start % mmap.PAGESIZE
+    pages = -(-(end - a) // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    addr = np.frombuffer(m, dtype=np.uint8).ctypes.data  # the array (and its hold on m) goes at once
+    if _LIBC.mincore(ctypes.c_void_p(addr + a), ctypes.c_size_t(end - a), vec) != 0:
+        return False
+    return bool((np.frombuffer(vec, dtype=np.uint8) & 1).all())  # bit 0: resident; others reserved
 
 
 def shard_files(directory: Path, *, allow_pickle: bool, label: str) -> list[tuple[str, Path]]:

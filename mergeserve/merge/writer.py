@@ -3,7 +3,7 @@
 :class:`ShardWriter` writes one safetensors file tensor by tensor: the plan knows every output
 name, dtype and shape in advance, so the header is written first and each tensor's bytes are
 appended as soon as it is merged. Memory stays at one tensor, not one shard. Each tensor's
-sha256 is computed on the way out (for the manifest and ``--resume``).
+digest (:mod:`.digest`) is computed on the way out (for the manifest and ``--resume``).
 
 :class:`StagingDir` makes the checkpoint appear atomically: everything is written under a hidden
 sibling ``.NAME.partial`` and renamed into place only when complete. A failed merge leaves
@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import mmap
 import os
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 
 from mergeserve.errors import InputError, OutputExistsError, ResourceError
+from mergeserve.merge.digest import digest_of
+from mergeserve.merge.phases import thread_cpu
 from mergeserve.merge.reader import TORCH_TO_ST, tensor_nbytes
 
 
@@ -49,15 +50,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 class _QueuedWriter:
     """What both writers share: tensors are checked against the plan on the caller's thread, then
-    hashed (sha256) and stored on a writer thread, so that both (they release the GIL) overlap the
-    merge of the next tensor. The bounded queue caps memory at a few tensors in flight. A failed
-    store is re-raised on the caller's next call."""
+    hashed and stored on a writer thread, so that both (they release the GIL) overlap the merge of
+    the next tensor. The bounded queue caps memory at a few tensors in flight. A failed store is
+    re-raised on the caller's next call. :attr:`cpu` is the writer thread's CPU-seconds ("hash",
+    "write"), complete once closed."""
 
     def __init__(self, path: Path, slots: Sequence[TensorSlot]):
         self.path = path
         self._slots = list(slots)
         self._next = 0
         self.hashes: dict[str, str] = {}
+        self.cpu = {"hash": 0.0, "write": 0.0}
         self._error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._thread = threading.Thread(target=self._drain, name=f"write-{path.name}", daemon=True)
@@ -74,8 +77,12 @@ class _QueuedWriter:
                 continue  # keep consuming so that producers never block on a dead writer
             slot, data, tensor = item
             try:
-                self.hashes[slot.name] = hashlib.sha256(data).hexdigest()
+                t0 = thread_cpu()
+                self.hashes[slot.name] = digest_of(data)
+                t1 = thread_cpu()
                 self._store(slot, data, tensor)
+                self.cpu["hash"] += t1 - t0
+                self.cpu["write"] += thread_cpu() - t1
             except OSError as e:
                 self._error = write_error(self.path, e)
             except BaseException as e:  # noqa: BLE001 - re-raised on the producer's thread
@@ -127,7 +134,7 @@ class ShardWriter(_QueuedWriter):
         self._f.write(data)  # tensors arrive in file order
 
     def close(self, partial: bool = False) -> dict[str, str]:
-        """Wait for the queued tensors, close the file; returns {name: sha256}."""
+        """Wait for the queued tensors, close the file; returns {name: digest}."""
         try:
             self._finish(partial)
             # No fsync: durability is the page cache's job; atomicity comes from the rename of
@@ -194,13 +201,15 @@ class ShardLayout:
         self.total_bytes = base + offset
 
 
-def create_sized(path: Path, layout: ShardLayout) -> None:
+def create_sized(path: Path, layout: ShardLayout, *, sized: bool = True) -> None:
     """Create ``path`` holding ``layout``'s header, at its full size (the data still sparse), so
-    that several processes can each fill in their own tensors with :class:`SlotWriter`."""
+    that several processes can each fill in their own tensors with :class:`SlotWriter` (without
+    ``sized``: the header only, for one writer whose tensors extend the file in order)."""
     try:
         with open(path, "wb") as f:
             f.write(layout.header)
-            f.truncate(layout.total_bytes)
+            if sized:
+                f.truncate(layout.total_bytes)
     except OSError as e:
         raise write_error(path, e) from None
 
@@ -218,7 +227,7 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 class SlotWriter(_QueuedWriter):
     """Fill in some tensors of a file made by :func:`create_sized`, at their planned offsets.
 
-    Like :class:`ShardWriter`, each tensor is hashed (sha256) and written on a thread beside the
+    Like :class:`ShardWriter`, each tensor is hashed and written on a thread beside the
     caller's merge of the next one. Writers in other processes (or on other nodes sharing the
     filesystem) may fill in other tensors of the same file at the same time: ranges never overlap.
 
@@ -249,10 +258,10 @@ class SlotWriter(_QueuedWriter):
 
     @classmethod
     def whole_file(cls, path: str | Path, layout: ShardLayout) -> SlotWriter:
-        """A writer of every tensor of a new file of ``layout`` (:func:`create_sized`); :meth:`abort`
-        removes the file."""
+        """A writer of every tensor of a new file of ``layout``, in order (the file grows with them:
+        a full disk shows where it happens); :meth:`abort` removes the file."""
         path = Path(path)
-        create_sized(path, layout)
+        create_sized(path, layout, sized=False)
         try:
             writer = cls(path, layout.tensors)
         except BaseException:
@@ -296,7 +305,7 @@ class SlotWriter(_QueuedWriter):
         self._fd = self._dfd = None
 
     def close(self, partial: bool = False) -> dict[str, str]:
-        """Wait for the queued tensors, close the file; returns {name: sha256}. With ``partial``,
+        """Wait for the queued tensors, close the file; returns {name: digest}. With ``partial``,
         the writer may have been given only the first of its slots' tensors."""
         try:
             self._finish(partial)

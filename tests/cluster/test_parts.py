@@ -9,9 +9,9 @@ import json
 import pytest
 
 from mergeserve.cluster.parts import ShardAssembler, prepare_shard, run_part, split_parts
-from mergeserve.cluster.resume import done_record
 from mergeserve.merge.api import merge, plan_merge
 from mergeserve.merge.execute import SourceCache
+from mergeserve.merge.resume import done_record
 
 SLERP = {
     "merge_method": "slerp", "base_model": "ft-a", "dtype": "bfloat16",
@@ -56,8 +56,8 @@ def test_shard_from_parts_in_reverse_order_equals_single_process(random_models, 
         assert (out / s.filename).read_bytes() == (reference.out_dir / s.filename).read_bytes()
         assert not (out / f"{s.filename}.tmp").exists()
         record = json.loads(done_record(out, s.filename).read_text())
-        want = {r.name: r.sha256 for r in next(x for x in reference.shards if x.index == s.index).tensors}
-        assert {t["name"]: t["sha256"] for t in record["tensors"]} == want
+        want = {r.name: r.digest for r in next(x for x in reference.shards if x.index == s.index).tensors}
+        assert {t["name"]: t["digest"] for t in record["tensors"]} == want
 
 
 def test_part_stopped_between_tensors_hands_back_the_rest(random_models, tmp_path):

@@ -45,12 +45,14 @@ def test_stop_after_a_position_keeps_exactly_the_positions_done(random_models):
     sink, asked = MemorySink(), []
     sources = SourceCache(plan)
     try:
-        done, _ = Executor(sources).run(
+        outcome = Executor(sources).run(
             [plan.method], [(t,) for t in tasks], [sink], label="x", should_stop=lambda: len(asked) == 2 or asked.append(1)
         )
     finally:
         sources.close()
-    assert done == 3 and list(sink.tensors) == [t.name for t in tasks[:3]]
+    assert outcome.done == 3 and list(sink.tensors) == [t.name for t in tasks[:3]]
+    # the sources of exactly the positions done are fingerprinted (read ahead or not)
+    assert sorted(outcome.digests) == sorted({k for t in tasks[:3] for k in t.sources})
 
 
 def test_failed_batch_leaves_no_file_of_any_variant(random_models, tmp_path):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 
 from mergeserve.merge.api import merge, plan_merge
-from mergeserve.merge.quantize import dequantize_fp8_block
+from mergeserve.merge.quantize import dequantize_fp8_block, quantize_fp8_block, quantize_fp8_block_reference
 from tests.oracle import load_tensors
 
 LINEAR = {
@@ -43,15 +43,16 @@ def test_shards_index_and_manifest_agree(sharded):
                 total += t.numel() * t.element_size()
     assert index["metadata"]["total_size"] == total
     manifest = json.loads((out / "mergeserve_manifest.json").read_text())
-    assert sorted(manifest["shards"]) == files
+    assert sorted(manifest["shards"]) == files and manifest["digest"] == "xxh3_128"
     for f in files:
         with safe_open(out / f, "pt") as h:
             for k in h.keys():
                 t = h.get_tensor(k)
                 rec = manifest["shards"][f][k]
                 assert rec["shape"] == list(t.shape)
-                assert rec["sha256"] == hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                assert rec["xxh3_128"] == xxhash.xxh3_128(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
     assert set(manifest["inputs"]) and all(v.get("fingerprint") for v in manifest["inputs"].values())
+    assert set(manifest["cpu_seconds"]) == {"read", "merge", "quantize", "hash", "write"} and manifest["cpu_seconds"]["merge"] > 0
 
 
 def test_each_shard_holds_whole_layers(sharded):
@@ -96,11 +97,27 @@ def test_fp8_output(random_models, tmp_path):
     w = got["model.layers.0.mlp.up_proj.weight"]
     s = got["model.layers.0.mlp.up_proj.weight_scale_inv"]
     assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and tuple(s.shape) == (512 // 128, 256 // 128)
+    rq, rs = quantize_fp8_block_reference(ref["model.layers.0.mlp.up_proj.weight"])  # the whole-tensor form, as before
+    assert torch.equal(w.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
     deq = dequantize_fp8_block(w, s)
     r = ref["model.layers.0.mlp.up_proj.weight"].float()
     assert float((deq - r).abs().max() / r.abs().max()) < 0.07  # e4m3 has 3 mantissa bits
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
         assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], ref[name])
+
+
+@pytest.mark.parametrize("shape", [(512, 256), (300, 200), (129, 4100), (1, 1), (128, 128), (4096, 2048)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_tiles_equal_the_whole_tensor_form(shape, dtype):
+    """The tiled quantizer against the whole-tensor one, bit for bit: padded edges, zero blocks,
+    values at the clamp, tiles narrower than a row."""
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    w = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    w[: min(128, shape[0]), : min(128, shape[1])] = 0  # an all-zero block: scale 1
+    w.view(-1)[-1] = 3.0  # one large value: its block's elements mostly flush to zero
+    q, s = quantize_fp8_block(w)
+    rq, rs = quantize_fp8_block_reference(w)
+    assert q.dtype == torch.float8_e4m3fn and torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
 
 
 def test_plan_is_data_and_prints(random_models):
