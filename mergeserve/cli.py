@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from mergeserve.errors import MergeServeError
+from mergeserve.errors import ConfigError, MergeServeError
 from mergeserve.merge.options import DEFAULT_SHARD_SIZE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,10 +28,14 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle .bin checkpoints (weights only)")
     p.add_argument("--seed", type=int, default=0, help="seed for random methods (dare, della); default 0")
     p.add_argument("--plan-only", action="store_true", help="print the plan and exit without merging")
-    p.add_argument("--local", action="store_true", help="merge in this process, without Ray")
-    p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port (default: start a local Ray)")
-    p.add_argument("--workers", type=int, help="number of merge actors (default: one per GPU of the cluster, else one per CPU)")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run, verifying finished shards")
+    p.add_argument(
+        "--address",
+        help="merge on Ray: 'local' starts one on this machine, 'auto' or [ray://]host:port joins a cluster "
+        "(default: merge in this process, or on a local Ray for --device cuda with several GPUs)",
+    )
+    p.add_argument("--local", action="store_true", help="merge in this process, without Ray (the default without --address)")
+    p.add_argument("--workers", type=int, help="merge threads in this process, or Ray actors (default: one per CPU; on Ray one per GPU if any)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, verifying finished shards and the input bytes they read")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -52,14 +56,16 @@ def _cmd_merge(a: argparse.Namespace) -> int:
 
         print(plan_merge(a.config, options)[2].describe())
         return 0
-    if a.local:
-        from mergeserve.merge.api import merge
+    from mergeserve.merge.api import merge, wants_ray
 
-        result = merge(a.config, a.out, options)
-    else:
+    if a.local and a.address is not None:
+        raise ConfigError("--local and --address exclude each other (--local: merge in this process; --address: on Ray)")
+    if not a.local and wants_ray(options):
         from mergeserve.cluster.driver import merge_distributed
 
         result = merge_distributed(a.config, a.out, options)
+    else:
+        result = merge(a.config, a.out, options)
     print(result.summary())
     return 0
 
@@ -122,6 +128,9 @@ COMMANDS = {"merge": _cmd_merge, "validate": _cmd_validate, "tiny-models": _cmd_
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mergeserve.merge.memory import tune_malloc
+
+    tune_malloc()  # before any thread starts (see there)
     args = build_parser().parse_args(argv)
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
     try:

@@ -2,7 +2,8 @@
 # The main job, end to end on local defaults, on a fresh clone:
 #   1. set up .venv (scripts/setup.sh);
 #   2. build the tiny model family (tokenizer, Mistral/Llama/Qwen2 base + code/prose fine-tunes);
-#   3. merge the two Mistral fine-tunes with the Marcoro14 slerp recipe on an embedded Ray, to FP8;
+#   3. merge the two Mistral fine-tunes with the Marcoro14 slerp recipe (in one process: the fastest way on one
+#      machine; --address local runs it on a Ray started here), in bf16 and to FP8;
 #   4. show what the merge did (held-out perplexity of the inputs and the merge, in bf16);
 #   5. serve the FP8 merge (Ray Serve with HAProxy + vLLM, FP8 weights on any x86 CPU), ask it a question
 #      with the openai client, stop.
@@ -17,10 +18,10 @@ OUT=.cache/demo
 
 $MS tiny-models "$TINY"
 echo
-echo "== merge (Ray, bf16): configs/tiny/marcoro14-slerp.yaml"
+echo "== merge (bf16): configs/tiny/marcoro14-slerp.yaml"
 $MS merge configs/tiny/marcoro14-slerp.yaml "$OUT/marcoro14-tiny" --models-dir "$TINY" --overwrite
 echo
-echo "== merge (Ray, FP8 weights): the same recipe"
+echo "== merge (FP8 weights): the same recipe"
 $MS merge configs/tiny/marcoro14-slerp.yaml "$OUT/marcoro14-tiny-fp8" --models-dir "$TINY" --out-dtype fp8 --overwrite
 echo
 echo "== held-out perplexity (lower is better): the merge sits between its parents"

@@ -23,11 +23,15 @@ from typing import Any
 
 from mergeserve.errors import ConfigError
 from mergeserve.merge.config import MergeConfig, load_config, parse_config
-from mergeserve.merge.execute import SourceCache, peak_rss_bytes
+from mergeserve.merge.execute import SourceCache
 from mergeserve.merge.executor import ShardResult, run_shard
+from mergeserve.merge.memory import peak_rss_bytes
 from mergeserve.merge.options import MergeOptions, parse_size
 from mergeserve.merge.outputs import check_tokenizer, write_metadata
+from mergeserve.merge.phases import describe, summed
 from mergeserve.merge.plan import MergePlan, build_plan
+from mergeserve.merge.readahead import READ_THREADS
+from mergeserve.merge.resume import abandon, clear_run_state, kept_for_resume, load_done_shards, write_done_record, write_run_state
 from mergeserve.merge.untrusted import model_bound
 from mergeserve.merge.writer import StagingDir
 
@@ -76,19 +80,27 @@ class MergeResult:
     parts: int = 0  # distributed: units of work (runs of tensors) the shards were cut into
     driver_parts: int = 0  # distributed: parts the driver merged itself while Ray started
     driver_bytes: int = 0
+    where: str = ""  # where the work ran, as the summary says it
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU-seconds by phase of this run's merging
+    read_wait: float = 0.0  # seconds the merge threads waited for reads, summed over them
 
     @property
     def gb_per_s(self) -> float:
         return (self.plan.bytes_read + self.plan.bytes_written) / 1e9 / max(self.seconds, 1e-9)
 
     def summary(self) -> str:
+        rate = f"{self.gb_per_s:.2f} GB/s" if self.gb_per_s >= 0.1 else f"{self.gb_per_s * 1000:.0f} MB/s"
         lines = [
             f"merged {self.plan.num_tensors} tensors ({self.plan.method}, {self.plan.num_layers} layers) "
             f"into {self.out_dir} in {self.seconds:.2f} s",
             f"  read {self.plan.bytes_read / 1e9:.2f} GB, wrote {self.plan.bytes_written / 1e9:.2f} GB "
-            f"in {len(self.shards)} shard(s): {self.gb_per_s:.2f} GB/s",
-            f"  peak memory: driver {self.peak_rss / 2**30:.2f} GiB",
+            f"in {len(self.shards)} shard(s): {rate}",
         ]
+        if self.where:
+            lines.append(f"  ran {self.where}")
+        if self.cpu:
+            lines.append(f"  CPU-seconds by phase: {describe(self.cpu)}; the merge waited {self.read_wait:.1f} s for reads")
+        lines.append(f"  peak memory: driver {self.peak_rss / 2**30:.2f} GiB")
         for w, rss in sorted(self.workers.items()):
             lines.append(f"  peak memory: worker {w} {rss / 2**30:.2f} GiB")
         if self.parts:
@@ -115,30 +127,61 @@ def merge(
     config: str | Path | MergeConfig | dict, out_dir: str | Path, options: MergeOptions | None = None, **changes: Any
 ) -> MergeResult:
     """Merge in this process (no Ray), following ``options`` or its fields given as keywords (see
-    :class:`~mergeserve.merge.options.MergeOptions`; ``address``, ``workers`` and ``resume`` are
-    for :func:`mergeserve.cluster.driver.merge_distributed`)."""
+    :class:`~mergeserve.merge.options.MergeOptions`; ``workers`` is the number of merge threads,
+    ``address`` is for :func:`mergeserve.cluster.driver.merge_distributed`).
+
+    Shards are merged one after the other, each by ``workers`` threads fed by one read-ahead
+    (:mod:`.readahead`); each finished shard is recorded, so that ``resume`` can finish an
+    interrupted run (see :mod:`.resume`).
+    """
     t0 = time.perf_counter()
     o = MergeOptions.of(options, **changes)
     cfg, text, plan = plan_merge(config, o)
     check_device(o.device)
-    threads = (os.cpu_count() or 1) if o.device == "cpu" else 2
-    stage = StagingDir(out_dir, overwrite=o.overwrite, protect=protected_inputs(plan, o.models_dir))
+    threads = o.workers or ((os.cpu_count() or 1) if o.device == "cpu" else 2)
+    stage = StagingDir(out_dir, overwrite=o.overwrite or o.resume, resume=o.resume, protect=protected_inputs(plan, o.models_dir))
     sources = SourceCache(plan)
-    results: list[ShardResult] = []
     try:
-        with progress_bar(plan, o.progress) as bar:
-            for shard in plan.shards:
-                results.append(
-                    run_shard(plan, shard, stage.path, sources=sources, device=o.device, on_tensor=bar.update, threads=threads)
-                )
-        write_metadata(stage.path, cfg, text, plan, results, seconds=time.perf_counter() - t0)
-        out = stage.commit()
-    except BaseException:
-        stage.discard()
-        raise
+        try:
+            done = load_done_shards(stage.path, plan, sources) if o.resume else {}
+            if not o.resume:
+                write_run_state(stage.path, plan)
+        except BaseException:
+            abandon(stage)
+            raise
+        results, merged = list(done.values()), []
+        with kept_for_resume(stage):
+            with progress_bar(plan, o.progress) as bar:
+                bar.update(sum(r.bytes_written for r in results))
+                for shard in plan.shards:
+                    if shard.index not in done:
+                        r = run_shard(plan, shard, stage.path, sources=sources, device=o.device, on_tensor=bar.update, threads=threads)
+                        write_done_record(stage.path, r)
+                        merged.append(r)
+            results += merged
+            write_metadata(stage.path, cfg, text, plan, results, seconds=time.perf_counter() - t0)
+            clear_run_state(stage.path, plan)
+            out = stage.commit()
     finally:
         sources.close()
-    return MergeResult(out, plan, results, time.perf_counter() - t0, peak_rss_bytes())
+    where = f"in this process: {threads} merge thread(s) on {o.device}, {READ_THREADS} reader threads"
+    return MergeResult(
+        out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), resumed=len(done),
+        where=where, cpu=summed(r.cpu for r in merged), read_wait=sum(r.read_wait for r in merged),
+    )
+
+
+def wants_ray(options: MergeOptions) -> bool:
+    """Whether ``mergeserve merge`` runs on Ray: when given an ``address`` ("local": a Ray started
+    on this machine), or for the math on several GPUs (``device="cuda"``, one actor per GPU).
+    Otherwise one process is the fastest way: no cluster to start, no actor importing torch."""
+    if options.address is not None:
+        return True
+    if options.device == "cuda":
+        import torch
+
+        return torch.cuda.device_count() > 1
+    return False
 
 
 def protected_inputs(plan: MergePlan, models_dir: str | Path | None) -> list[Path]:

@@ -2,9 +2,10 @@
 
 :class:`MergeOptions` holds everything besides the recipe and the output directory: how the plan
 is made (``out_shard_size``, ``out_dtype``, ``models_dir``, ``allow_pickle``, ``seed``), where it
-runs (``device``; for a distributed merge ``address``, ``workers``, ``resume``) and what the caller
-sees (``overwrite``, ``progress``). The CLI builds one from its flags; the Python API takes one, or
-its fields as keywords. What the workers must honour travels inside the plan
+runs (``device``, ``address``, ``workers``; in this process unless given an address, see
+:func:`~mergeserve.merge.api.wants_ray`), whether it finishes an interrupted run (``resume``) and
+what the caller sees (``overwrite``, ``progress``). The CLI builds one from its flags; the Python
+API takes one, or its fields as keywords. What the workers must honour travels inside the plan
 (:attr:`~mergeserve.merge.plan.MergePlan.allow_pickle`), so that no worker reads the inputs
 differently from the planner.
 """
@@ -34,9 +35,9 @@ class MergeOptions:
     seed: int = 0  # seed of random methods (dare, della)
     overwrite: bool = False  # replace an existing output directory
     progress: bool = True  # show a progress bar
-    address: str | None = None  # distributed: Ray cluster to join ('auto', host:port); None starts a local Ray
-    workers: int | None = None  # distributed: merge actors (default: one per GPU, else per CPU)
-    resume: bool = False  # distributed: finish an interrupted run, verifying finished shards
+    address: str | None = None  # Ray: 'local' (start one here), 'auto' or host:port (join); None: this process
+    workers: int | None = None  # merge threads in this process, or Ray actors (default: one per CPU; on Ray one per GPU if any)
+    resume: bool = False  # finish an interrupted run, verifying finished shards and the inputs they read
 
     @classmethod
     def of(cls, options: MergeOptions | None = None, **changes) -> MergeOptions:

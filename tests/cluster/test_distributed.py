@@ -134,10 +134,11 @@ def test_pickle_input_merges_with_an_embedded_ray_and_allow_pickle(pickled_model
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(SLERP))
     cmd = [sys.executable, "-m", "mergeserve.cli", "merge", str(recipe), str(tmp_path / "out"), "--models-dir", str(pickled_models),
-           "--out-shard-size", "1M", "-q"]
+           "--out-shard-size", "1M", "-q", "--address", "local"]
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--allow-pickle" in refused.stderr, refused.stderr
     p = subprocess.run(cmd + ["--allow-pickle"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
+    assert "ran on a Ray started on this machine" in p.stdout, p.stdout
     local = merge(SLERP, tmp_path / "local", progress=False, allow_pickle=True, models_dir=pickled_models, out_shard_size="1M")
     _equal(tmp_path / "out", local.out_dir)

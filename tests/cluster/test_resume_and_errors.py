@@ -1,6 +1,7 @@
-"""Interrupted and failing distributed merges, as whole `mergeserve merge` processes: a killed
-driver resumed with --resume, changed inputs refused, an unreachable cluster, out of memory and a
-full disk (real kernel limits: RLIMIT_AS and RLIMIT_FSIZE on the merge process)."""
+"""Interrupted and failing merges, as whole `mergeserve merge` processes, in one process (the
+default) and on Ray (``--address local``): a killed driver resumed with --resume, inputs changed
+in between (redone by content), an unreachable cluster, out of memory, a full disk and a file
+truncated while it is read (real kernel limits: RLIMIT_AS and RLIMIT_FSIZE on the merge process)."""
 
 from __future__ import annotations
 
@@ -49,58 +50,126 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def _interrupted_run(tmp_path: Path, models: Path, out: Path) -> Path:
-    """Start a distributed merge, SIGKILL its driver once a shard is finished; returns the staging dir."""
+RAY = ["--address", "local"]  # a Ray started for the command: the Ray path, on this machine
+WHERE = {"in-process": [], "ray": RAY}
+
+
+def _interrupted_run(tmp_path: Path, models: Path, out: Path, where: list[str] = (), shards: int = 1) -> Path:
+    """Start a merge, SIGKILL its driver once ``shards`` shards are finished; returns the staging dir."""
     stage = out.parent / f".{out.name}.partial"
     proc = subprocess.Popen(
-        CLI + [_recipe(tmp_path, TIES), str(out), "--models-dir", str(models), "--out-shard-size", "20M", "--workers", "2", "-q"],
+        CLI + [_recipe(tmp_path, TIES), str(out), "--models-dir", str(models), "--out-shard-size", "20M", "--workers", "2", "-q", *where],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None and not list(stage.glob(".*.done.json")):
+        while time.time() < deadline and proc.poll() is None and len(list(stage.glob(".*.done.json"))) < shards:
             time.sleep(0.05)
         assert proc.poll() is None, f"the merge ended before it could be interrupted: {proc.stderr.read().decode()[-2000:]}"
-        assert list(stage.glob(".*.done.json")), "no shard finished in time"
+        assert len(list(stage.glob(".*.done.json"))) >= shards, "no shard finished in time"
     finally:
         _kill_tree(proc)
     assert not out.exists()
     return stage
 
 
-def test_killed_driver_then_resume_finishes_bit_identical(medium_models, tmp_path):
-    reference = merge(TIES, tmp_path / "reference", models_dir=medium_models, out_shard_size="20M", progress=False)
-    out = tmp_path / "out"
-    stage = _interrupted_run(tmp_path, medium_models, out)
-    finished = len(list(stage.glob(".*.done.json")))
-    p = subprocess.run(
-        CLI + [_recipe(tmp_path, TIES), str(out), "--models-dir", str(medium_models), "--out-shard-size", "20M", "--resume", "-q"],
+def _resume(tmp_path: Path, models: Path, out: Path, where: list[str] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        CLI + [_recipe(tmp_path, TIES), str(out), "--models-dir", str(models), "--out-shard-size", "20M", "--resume", "-q", *where],
         capture_output=True, text=True, timeout=300,
     )
+
+
+def _same(a: Path, b: Path) -> None:
+    got, want = load_tensors(a), load_tensors(b)
+    assert sorted(got) == sorted(want)
+    bad = [k for k in got if not torch.equal(got[k], want[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize("where", sorted(WHERE))
+def test_killed_driver_then_resume_finishes_bit_identical(medium_models, tmp_path, where):
+    reference = merge(TIES, tmp_path / "reference", models_dir=medium_models, out_shard_size="20M", progress=False)
+    out = tmp_path / "out"
+    stage = _interrupted_run(tmp_path, medium_models, out, WHERE[where])
+    finished = len(list(stage.glob(".*.done.json")))
+    p = _resume(tmp_path, medium_models, out, WHERE[where])
     assert p.returncode == 0, p.stderr
     assert p.stderr == "", "Ray printed on the user's stderr (a banner?)"
-    assert f"reused {finished} verified shard(s)" in p.stdout or "reused" in p.stdout, p.stdout
+    assert f"reused {finished} verified shard(s)" in p.stdout, p.stdout
     assert not stage.exists()
-    got, want = load_tensors(out), load_tensors(reference.out_dir)
-    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in got)
+    _same(out, reference.out_dir)
 
 
-def test_resume_refuses_changed_inputs(medium_models, tmp_path):
+def _finished_shard_source(stage: Path, models: Path) -> tuple[Path, int, int]:
+    """(file, start, end) of a tensor of ft-b that a finished shard of the interrupted run read."""
+    from mergeserve.merge.api import plan_merge
+    from mergeserve.merge.reader import ModelFiles
+
+    plan = plan_merge(TIES, models_dir=models, out_shard_size="20M")[2]
+    done = next(s for s in plan.shards if (stage / f".{s.filename}.done.json").exists())
+    b = next(i for i, m in enumerate(plan.models) if m.ref == "ft-b")
+    name = next(n for t in done.tensors for m, n in t.sources if m == b)  # only this shard reads it
+    files = ModelFiles(models / "ft-b")
+    info = files.info(name)
+    files.close()
+    return Path(info.file), info.start, info.end
+
+
+def test_resume_redoes_the_shards_whose_input_bytes_changed(medium_models, tmp_path):
+    """Bytes of an input rewritten between the interrupted run and --resume, its size and mtime
+    kept: the shards that read them are merged again, and the output equals a fresh merge of the
+    changed input (size, mtime and header alone would call it unchanged)."""
     import shutil
 
     models = tmp_path / "models"
     shutil.copytree(medium_models, models)
     out = tmp_path / "out"
-    _interrupted_run(tmp_path, models, out)
-    f = next((models / "ft-b").glob("*.safetensors"))
-    os.utime(f, (time.time() + 5, time.time() + 5))  # same bytes, new mtime: counts as changed
+    stage = _interrupted_run(tmp_path, models, out, shards=2)
+    finished = len(list(stage.glob(".*.done.json")))
+    f, start, end = _finished_shard_source(stage, models)
+    st = os.stat(f)
+    with open(f, "r+b") as h:  # 64 elements in the middle of the tensor, set to 0.125 (bf16 0x3E00)
+        h.seek(start + (end - start) // 2 // 2 * 2)
+        h.write(b"\x00\x3e" * 64)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(f).st_size == st.st_size and os.stat(f).st_mtime_ns == st.st_mtime_ns
+    p = _resume(tmp_path, models, out)
+    assert p.returncode == 0, p.stderr
+    assert f"reused {finished - 1} verified shard(s)" in p.stdout, p.stdout  # that one shard read the changed tensor
+    fresh = merge(TIES, tmp_path / "fresh", models_dir=models, out_shard_size="20M", progress=False)
+    _same(out, fresh.out_dir)
+
+
+def test_resume_reuses_shards_of_an_input_only_touched(medium_models, tmp_path):
+    """A new mtime, the same bytes: nothing to redo (the old check refused the run)."""
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(medium_models, models)
+    out = tmp_path / "out"
+    stage = _interrupted_run(tmp_path, models, out)
+    finished = len(list(stage.glob(".*.done.json")))
+    for f in (models / "ft-b").glob("*.safetensors"):
+        os.utime(f, (time.time() + 5, time.time() + 5))
+    p = _resume(tmp_path, models, out)
+    assert p.returncode == 0, p.stderr
+    assert f"reused {finished} verified shard(s)" in p.stdout, p.stdout
+
+
+def test_resume_refuses_a_run_left_by_an_earlier_version(random_models, tmp_path):
+    """A run state as the sha256 versions wrote it (no format, inputs by size and mtime): its
+    records cannot say which bytes each shard read. One line, exit 2, the run left as it was."""
+    stage = tmp_path / ".out.partial"
+    stage.mkdir()
+    (stage / ".mergeserve-run.json").write_text('{"plan": "abc", "inputs": {"ft-a": "x"}}')
     p = subprocess.run(
-        CLI + [_recipe(tmp_path, TIES), str(out), "--models-dir", str(models), "--out-shard-size", "20M", "--resume", "-q"],
+        CLI + [_recipe(tmp_path, TIES), str(tmp_path / "out"), "--models-dir", str(random_models["root"]), "--resume", "-q"],
         capture_output=True, text=True, timeout=300,
     )
     assert p.returncode == 2, p.stderr
-    assert "ft-b" in p.stderr and "changed" in p.stderr, p.stderr
-    assert not out.exists()
+    assert p.stderr.count("\n") == 1 and "earlier mergeserve" in p.stderr and "without --resume" in p.stderr, p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == [".out.partial", "recipe.yaml"]
 
 
 def test_unreachable_cluster_fails_fast(random_models, tmp_path):
@@ -158,7 +227,7 @@ def test_embedded_ray_does_not_outlive_a_killed_driver(medium_models, tmp_path):
     of its tree is left. Ray ties GCS and raylet to the driver; the agents would linger for a
     minute without the guardian (mergeserve/cluster/guardian.py)."""
     proc = subprocess.Popen(
-        CLI + [_recipe(tmp_path, TIES), str(tmp_path / "out"), "--models-dir", str(medium_models), "-q"],
+        CLI + [_recipe(tmp_path, TIES), str(tmp_path / "out"), "--models-dir", str(medium_models), "-q", *RAY],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     family: list[psutil.Process] = []
@@ -233,13 +302,51 @@ def test_out_of_memory_names_the_shard(big_vocab, tmp_path):
     assert not out.exists() and [x.name for x in tmp_path.iterdir()] == ["recipe.yaml"]
 
 
-def test_full_disk_leaves_nothing(random_models, tmp_path):
+def test_full_disk_in_the_middle_of_a_shard_names_it_and_leaves_nothing(random_models, tmp_path):
+    """The output file may grow to 3 MB, in the middle of its ~5 MB (the embeddings fit)."""
     out = tmp_path / "out"
     recipe = dict(LINEAR, models=[{"model": "ft-a", "parameters": {"weight": 1}}, {"model": "ft-b", "parameters": {"weight": 1}}])
-    p = _limited("fsize", 2**20, ["merge", _recipe(tmp_path, recipe), str(out), "--local", "-q", "--models-dir", str(random_models["root"])])
+    p = _limited("fsize", 3 * 2**20, ["merge", _recipe(tmp_path, recipe), str(out), "-q", "--models-dir", str(random_models["root"])])
     assert p.returncode == 3, p.stderr
-    assert "disk full" in p.stderr or "file size limit" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and "file size limit" in p.stderr and "model.safetensors" in p.stderr, p.stderr
     assert not out.exists() and [x.name for x in tmp_path.iterdir()] == ["recipe.yaml"]
+
+
+_TRUNCATING = textwrap.dedent(
+    """
+    import os, sys
+    import mergeserve.merge.api as api
+    from mergeserve.cli import main
+    victim, plan_merge = sys.argv[1], api.plan_merge
+
+    def plan_then_truncate(*args, **kwargs):  # the real planner, then the file shrinks under the merge
+        plan = plan_merge(*args, **kwargs)
+        os.truncate(victim, os.path.getsize(victim) * 2 // 3)
+        return plan
+
+    api.plan_merge = plan_then_truncate
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def test_input_truncated_while_merging_names_the_file_and_leaves_nothing(random_models, tmp_path):
+    """An input cut short after planning (a real truncation, timed by wrapping the planner): the
+    read that reaches the missing bytes fails, naming the file, where reading through a mapping
+    would have killed the process with SIGBUS."""
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(random_models["root"] / "ft-a", models / "ft-a")
+    shutil.copytree(random_models["root"] / "ft-b", models / "ft-b")
+    victim = models / "ft-b" / "model.safetensors"
+    out = tmp_path / "out"
+    recipe = dict(LINEAR, models=[{"model": "ft-a", "parameters": {"weight": 1}}, {"model": "ft-b", "parameters": {"weight": 1}}])
+    args = ["merge", _recipe(tmp_path, recipe), str(out), "-q", "--models-dir", str(models)]
+    p = subprocess.run([sys.executable, "-c", _TRUNCATING, str(victim), *args], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and "ft-b" in p.stderr and "model.safetensors" in p.stderr and "truncated" in p.stderr, p.stderr
+    assert not out.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["models", "recipe.yaml"]
 
 
 def test_ray_failures_are_mapped_to_errors_naming_the_shard():
