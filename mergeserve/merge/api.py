@@ -24,13 +24,13 @@ from typing import Any
 from mergeserve.errors import ConfigError
 from mergeserve.merge.config import MergeConfig, load_config, parse_config
 from mergeserve.merge.execute import SourceCache
-from mergeserve.merge.executor import ShardResult, run_shard
+from mergeserve.merge.executor import ShardResult, run_shard, shard_keys
 from mergeserve.merge.memory import peak_rss_bytes
 from mergeserve.merge.options import MergeOptions, parse_size
 from mergeserve.merge.outputs import check_tokenizer, write_metadata
 from mergeserve.merge.phases import describe, summed
 from mergeserve.merge.plan import MergePlan, build_plan
-from mergeserve.merge.readahead import READ_THREADS
+from mergeserve.merge.readahead import READ_THREADS, ReadAhead
 from mergeserve.merge.resume import abandon, clear_run_state, kept_for_resume, load_done_shards, write_done_record, write_run_state
 from mergeserve.merge.untrusted import model_bound
 from mergeserve.merge.writer import StagingDir
@@ -150,14 +150,19 @@ def merge(
             abandon(stage)
             raise
         results, merged = list(done.values()), []
-        with kept_for_resume(stage):
+        todo = [s for s in plan.shards if s.index not in done]
+        with kept_for_resume(stage), ReadAhead(sources, [k for s in todo for k in shard_keys(s)]) as reads:
             with progress_bar(plan, o.progress) as bar:
                 bar.update(sum(r.bytes_written for r in results))
-                for shard in plan.shards:
-                    if shard.index not in done:
-                        r = run_shard(plan, shard, stage.path, sources=sources, device=o.device, on_tensor=bar.update, threads=threads)
-                        write_done_record(stage.path, r)
-                        merged.append(r)
+                first = 0
+                for shard in todo:  # one read-ahead for all: it reads the next shard's sources while this one ends
+                    r = run_shard(
+                        plan, shard, stage.path, sources=sources, device=o.device, on_tensor=bar.update, threads=threads,
+                        reads=reads, first=first,
+                    )
+                    first += len(shard.tensors)
+                    write_done_record(stage.path, r)
+                    merged.append(r)
             results += merged
             write_metadata(stage.path, cfg, text, plan, results, seconds=time.perf_counter() - t0)
             clear_run_state(stage.path, plan)

@@ -6,7 +6,7 @@ can hide under that I/O, if the disk never waits for the CPU. The executor knows
 starts, every source tensor it will read and in which order (its positions), so:
 
 - ``READ_THREADS`` reader threads read the sources in the executor's order, ahead of the math,
-  holding at most ``budget`` bytes at once (READ_AHEAD_BYTES, or one position's sources if more).
+  holding at most ``budget`` bytes at once (see :func:`read_budget`).
   A plan walks the layers in the order checkpoints store them, so each input is read in file
   order, tensor by tensor (tens of MB each: an occasional step back costs nothing). Two reads in
   flight keep the disk busy where one leaves it idle between requests (on this project's virtio
@@ -54,9 +54,12 @@ from mergeserve.merge.untrusted import open_regular
 
 Key = tuple[int, str]  # (model index in the plan, tensor name)
 
-# Four 7B MLP positions (2 x 117 MB each): two being merged, two read ahead; a few tenths of a
-# second of disk time, enough to ride over the merge's pauses without costing much memory.
+# At most this much is held: four 7B MLP positions (2 x 117 MB each), two being merged, two read
+# ahead; a few tenths of a second of disk time, enough to ride over the merge's pauses.
 READ_AHEAD_BYTES = 1 << 30
+# Less for smaller models: this many of their typical (90th percentile) positions. Every byte of
+# the arena costs a page fault the first time (a quarter of a CPU-second per GiB here).
+AHEAD_POSITIONS = 8
 READ_THREADS = 2
 READ_CHUNK = 16 << 20  # bytes per read request (16 and 64 MB read equally fast here; 16 holds less)
 ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers (covers 512-byte and 4 KiB devices)
@@ -124,12 +127,22 @@ class Arena:
             pass  # a tensor still views it; the mapping goes with the last one
 
 
+def read_budget(sizes: Sequence[int]) -> int:
+    """Bytes a read-ahead over positions of ``sizes`` bytes may hold: AHEAD_POSITIONS typical
+    positions, at most READ_AHEAD_BYTES, and at least the largest position (it must fit)."""
+    if not sizes:
+        return 0
+    typical = sorted(sizes)[int(0.9 * (len(sizes) - 1))]
+    return max(min(READ_AHEAD_BYTES, AHEAD_POSITIONS * typical), max(sizes))
+
+
 @dataclass(eq=False)
 class _Slot:
     key: Key
     info: TensorInfo
     refs: int = 1  # positions claimed that read it and have not finished
     region: int | None = None  # arena offset, or None: used in place (a pickle's, an empty tensor)
+    block: int | None = None  # the arena block it shares with the other new sources of its position
     direct: bool = False  # not in the page cache: read with O_DIRECT
     tensor: torch.Tensor | None = None
     loading: bool = True
@@ -142,8 +155,8 @@ class ReadAhead:
     def __init__(self, sources, positions: Sequence[Sequence[Key]], *, budget: int | None = None, threads: int = READ_THREADS):
         self.sources = sources  # a SourceCache: sources[m] is model m's ModelFiles
         self._positions = [tuple(dict.fromkeys(keys)) for keys in positions]
-        need = max((sum(self._info(k).nbytes for k in keys) for keys in self._positions), default=0)
-        self.budget = max(READ_AHEAD_BYTES if budget is None else budget, need)
+        sizes = [sum(self._info(k).nbytes for k in keys) for keys in self._positions]
+        self.budget = read_budget(sizes) if budget is None else max(budget, max(sizes, default=0))
         self.digests: dict[Key, str] = {}  # every tensor read, digested as it arrived
         self.clock = PhaseClock()  # "read" and "hash" CPU of the reader threads
         self.waited = 0.0  # seconds the consumers waited for reads, summed over their threads
@@ -151,7 +164,8 @@ class ReadAhead:
         self._held: dict[int, list[_Slot]] = {}  # position -> the slots it holds a reference to
         self._finished: set[int] = set()
         self._claimed = 0  # positions whose every key has a slot
-        self._cursor = 0  # next key of position _claimed
+        self._todo: deque[_Slot] = deque()  # slots to read, in order
+        self._block_users: dict[int, int] = {}  # arena block -> slots in it not freed
         self._bytes = 0  # bytes of live slots
         self._arena: Arena | None = None
         self._lease = None  # the context that lends the arena (sources.arena)
@@ -241,64 +255,77 @@ class ReadAhead:
                 self._error = self._error or e
                 self._cond.notify_all()
 
-    def _advance(self) -> None:
-        self._cursor += 1
-        if self._cursor >= len(self._positions[self._claimed]):
-            self._claimed += 1
-            self._cursor = 0
-            self._cond.notify_all()
-
     def _next(self) -> _Slot | None:
-        """Claim the next key to read (waiting for room in the budget); None when all are read."""
+        """The next slot to read: one of the position claimed last, or the next position's (claimed
+        once the budget has room for all of its new sources); None when all are read."""
         with self._claim, self._cond:
             while True:
-                if self._closed or self._error is not None or self._claimed >= len(self._positions):
+                if self._closed or self._error is not None:
                     return None
-                pos = self._claimed
-                keys = self._positions[pos]
-                if pos in self._finished or not keys:
-                    self._claimed, self._cursor = pos + 1, 0
-                    self._cond.notify_all()
-                    continue
-                key = keys[self._cursor]
-                slot = self._slots.get(key)
-                if slot is not None:  # read already (or being read) for an earlier position
-                    slot.refs += 1
-                    self._held.setdefault(pos, []).append(slot)
-                    self._advance()
-                    continue
-                slot = self._room(key)
-                if slot is None:
+                if self._todo:
+                    return self._todo.popleft()
+                if self._claimed >= len(self._positions):
+                    return None
+                if not self._claim_next():
                     self._cond.wait()
-                    continue
-                self._slots[key] = slot
-                self._held.setdefault(pos, []).append(slot)
-                self._advance()
-                return slot
 
-    def _room(self, key: Key) -> _Slot | None:
-        """A new slot for ``key`` if the budget has room for it now (always when nothing is held)."""
-        info = self._info(key)
-        files = self._model(key[0])
-        if self._bytes and self._bytes + info.nbytes > self.budget:
-            return None
-        region = None
-        if info.nbytes and not files.in_memory(key[1]):
+    def _claim_next(self) -> bool:
+        """Give every source of the next position a slot (one more user for those read already,
+        new slots for the others, queued to be read), if there is room; whether it was done.
+
+        A position's new sources get one block of the arena together: given piece by piece, the
+        ring could hold the first piece where the second cannot fit beside it, and wait forever.
+        """
+        pos = self._claimed
+        keys = [] if pos in self._finished else self._positions[pos]
+        new = [k for k in keys if k not in self._slots]
+        need = sum(self._info(k).nbytes for k in new)
+        if self._bytes and self._bytes + need > self.budget:
+            return False
+        files = [self._model(k[0]) for k in new]
+        spans = [0 if f.in_memory(k[1]) or not self._info(k).nbytes else self._span(self._info(k)) for f, k in zip(files, new)]
+        block = None
+        if sum(spans):
             if self._arena is None:
                 self._lease = self.sources.arena(self.budget + 2 * ALIGN * max(len(k) for k in self._positions))
                 self._arena = self._lease.__enter__()
-            region = self._arena.alloc(_up(info.end) - (info.start - info.start % ALIGN))
-            if region is None and self._bytes:
-                return None  # (with nothing held it always fits: the arena holds the largest position)
-        self._bytes += info.nbytes
-        return _Slot(key, info, region=region, direct=region is not None and not files.resident(key[1]))
+            block = self._arena.alloc(sum(spans))
+            if block is None:
+                if self._bytes:
+                    return False
+                spans = [0] * len(spans)  # cannot happen (the arena holds the largest position): read in place
+        at = block or 0
+        for k, f, span in zip(new, files, spans):
+            region = None if not span else at
+            at += span
+            slot = _Slot(k, self._info(k), refs=0, region=region, block=block if span else None, direct=span > 0 and not f.resident(k[1]))
+            if slot.block is not None:
+                self._block_users[block] = self._block_users.get(block, 0) + 1
+            self._slots[k] = slot
+            self._todo.append(slot)
+        self._bytes += need
+        for k in keys:
+            slot = self._slots[k]
+            slot.refs += 1
+            self._held.setdefault(pos, []).append(slot)
+        self._claimed += 1
+        self._cond.notify_all()
+        return True
+
+    @staticmethod
+    def _span(info: TensorInfo) -> int:
+        """Arena bytes a tensor takes: its pages, for O_DIRECT reads."""
+        return _up(info.end) - (info.start - info.start % ALIGN)
 
     def _free(self, slot: _Slot) -> None:
         del self._slots[slot.key]
         self._bytes -= slot.info.nbytes
         if slot.region is not None:
             slot.tensor = None
-            self._arena.free(slot.region)  # type: ignore[union-attr]
+            self._block_users[slot.block] -= 1
+            if not self._block_users[slot.block]:
+                del self._block_users[slot.block]
+                self._arena.free(slot.block)  # type: ignore[union-attr]
         elif slot.error is None:
             self._model(slot.key[0]).release(slot.key[1])
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mergeserve.errors import ConfigError, InputError, ResourceError, ResumeError
 from mergeserve.merge.digest import DIGEST, new_digest
-from mergeserve.merge.executor import ShardResult, position_keys, sources_digest
+from mergeserve.merge.executor import ShardResult, shard_keys, sources_digest
 from mergeserve.merge.plan import MergePlan, ShardTask
 from mergeserve.merge.readahead import Key, ReadAhead
 from mergeserve.merge.reader import read_header
@@ -117,7 +117,7 @@ def _read_record(path: Path) -> ShardResult | None:
 
 def read_sources(sources, shards: list[ShardTask]) -> dict[Key, str]:
     """The digest of every source tensor of ``shards``, read again (at the disk's speed)."""
-    keys = [k for s in shards for k in position_keys([(t,) for t in s.tensors])]
+    keys = [k for s in shards for k in shard_keys(s)]
     with ReadAhead(sources, keys) as reads:
         for i, ks in enumerate(keys):
             for k in ks:

@@ -105,7 +105,7 @@ def test_file_cut_short_while_merging_names_it(models):
 def test_sources_handed_on_unchanged_outlive_the_read_buffer(models, tmp_path, monkeypatch):
     """Passthrough returns its source; with a read-ahead budget of one position the buffer is
     reused at once, so an output still pointing into it would be overwritten before it is written."""
-    monkeypatch.setattr(readahead, "READ_AHEAD_BYTES", 1)
+    monkeypatch.setattr(readahead, "AHEAD_POSITIONS", 0)  # a budget of the largest position
     _evict(models)
     res = merge(FRANKEN, tmp_path / "out", models_dir=models, progress=False, workers=2)
     got, a = load_tensors(res.out_dir), load_tensors(models / "ft-a")
@@ -113,6 +113,30 @@ def test_sources_handed_on_unchanged_outlive_the_read_buffer(models, tmp_path, m
         for part in ("self_attn.q_proj", "mlp.down_proj", "input_layernorm"):
             assert torch.equal(got[f"model.layers.{i}.{part}.weight"], a[f"model.layers.{src}.{part}.weight"])
     assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+
+
+@pytest.mark.timeout(120)  # a read-ahead that waits for room it cannot get would hang: fail instead
+@pytest.mark.parametrize("ahead", [0, 1, 3])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_small_budgets_and_many_threads_finish_with_the_same_tensors(random_models, models, monkeypatch, ahead, threads):
+    """Budgets of one to a few positions (the last positions hold two 2 MB sources: a ring that
+    placed them apart would never fit the pair), merged by one to four threads, cold."""
+    _, _, plan = plan_merge(SLERP, models_dir=models)
+    ref_sources = SourceCache(plan)
+    try:
+        want, _ = _run(plan, ref_sources)
+    finally:
+        ref_sources.close()
+    monkeypatch.setattr(readahead, "AHEAD_POSITIONS", ahead)
+    _evict(models)
+    sources = SourceCache(plan)
+    try:
+        shard = plan.shards[0]
+        sink = MemorySink()
+        Executor(sources, threads=threads).run([plan.method], [(t,) for t in shard.tensors], [sink], label=shard.filename)
+    finally:
+        sources.close()
+    assert list(sink.tensors) == list(want) and all(torch.equal(sink.tensors[k], want[k]) for k in want)
 
 
 def test_arena_hands_out_regions_oldest_first():
