@@ -2,7 +2,8 @@
 same checkpoint, same load, one after the other in one run.
 
     .venv/bin/python benchmarks/serve_bench.py CHECKPOINT [--rounds 3] [--concurrency 16] [--requests 64] [--max-tokens 64]
-        [--sides vllm,mergeserve,ray-proxy,ray-haproxy,ray-haproxy-direct] [--tag NAME]
+        [--sides vllm,mergeserve,ray-proxy,ray-haproxy,ray-haproxy-direct,mergeserve-fp8,...]
+        [--fp8-checkpoint FP8_CHECKPOINT] [--tag NAME]
 
 Sides: vLLM's own server (the peer), `mergeserve serve`, and Ray Serve's own request paths
 (benchmarks/ray_serve_variants.py). Each round starts each server in turn (rotating the order,
@@ -124,22 +125,26 @@ def cpu_by_role(pid: int) -> dict[str, float]:
     return out
 
 
-def start(cmd: list[str], url: str, model: str) -> tuple[subprocess.Popen, float, RssWatch]:
+def start(cmd: list[str], url: str, model: str, timeout: float = 1800, kv_cache_gib: int = 1) -> tuple[subprocess.Popen, float, RssWatch]:
+    """Start a server; returns (process, seconds to its first answered request, its RSS watch).
+    ``kv_cache_gib``: the KV cache of vLLM's own server (mergeserve sets its own, --kv-cache-gib)."""
     t0 = time.perf_counter()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     watch = RssWatch(proc.pid)
     watch.start()
-    while True:
+    while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
             raise SystemExit(f"{cmd[:4]} exited with {proc.returncode}")
         try:
-            r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1}, timeout=30)
+            r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1}, timeout=300)
             if r.status_code == 200:
                 return proc, time.perf_counter() - t0, watch
         except httpx.HTTPError:
             pass
         time.sleep(1)
+    stop_process_tree(proc)
+    raise SystemExit(f"{cmd[:4]} not ready after {timeout:.0f} s")
 
 
 def run_side(cmd: list[str], name: str, a: argparse.Namespace) -> dict:
@@ -174,6 +179,11 @@ def ray_variant(script: str, checkpoint: str, name: str, mode: str, port: int) -
     return [sys.executable, script, checkpoint, "--port", str(port), "--name", name, "--mode", mode]
 
 
+def mergeserve_fp8(checkpoint: str, name: str, extra: list[str], port: int) -> list[str]:
+    return [sys.executable, "-m", "mergeserve.cli", "serve", checkpoint, "--name", name, "--port", str(port),
+            "--metrics-port", str(free_port()), *extra]
+
+
 def side_commands(a: argparse.Namespace, name: str) -> dict:
     """Each side's command line, given a free port."""
     here = str(REPO / "benchmarks" / "ray_serve_variants.py")
@@ -184,6 +194,10 @@ def side_commands(a: argparse.Namespace, name: str) -> dict:
                                     "--port", str(port), "--metrics-port", str(free_port()), *a.serve_args.split()],
         **{f"ray-{mode}": partial(ray_variant, here, a.checkpoint, name, mode) for mode in ("proxy", "haproxy", "haproxy-direct")},
     }
+    if a.fp8_checkpoint:  # the same merge written as block FP8, behind mergeserve serve
+        for side, args in (("mergeserve-fp8", ["--fp8-kernel", "auto"]), ("mergeserve-fp8-plugin", ["--fp8-kernel", "mergeserve"]),
+                           ("mergeserve-fp8-plugin-fp8", ["--fp8-kernel", "mergeserve", "--fp8-weights", "fp8"])):
+            known[side] = partial(mergeserve_fp8, a.fp8_checkpoint, name, [*args, *a.serve_args.split()])
     unknown = [s for s in a.sides if s not in known]
     if unknown or "vllm" not in a.sides:
         raise SystemExit(f"--sides: vllm (the peer) and any of {', '.join(known)}; unknown: {unknown}")
@@ -199,7 +213,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--single-requests", type=int, default=16, help="then this many requests one at a time, for TTFT without load")
     ap.add_argument("--sides", type=lambda v: v.split(","), default=["vllm", "mergeserve"],
-                    help="comma-separated: vllm (the peer), mergeserve, ray-proxy, ray-haproxy, ray-haproxy-direct")
+                    help="comma-separated: vllm (the peer), mergeserve, ray-proxy, ray-haproxy, ray-haproxy-direct; with "
+                         "--fp8-checkpoint also mergeserve-fp8 (vLLM's kernel choice), mergeserve-fp8-plugin (mergeserve's, "
+                         "weights dequantized to bf16 at load) and mergeserve-fp8-plugin-fp8 (mergeserve's, weights kept FP8)")
+    ap.add_argument("--fp8-checkpoint", help="the same merge written with --out-dtype fp8, for the FP8 sides")
     ap.add_argument("--tag", default="", help="suffix of the result files (serve-TAG.json)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--serve-args", default="", help="extra arguments for mergeserve serve, e.g. --no-engine-metrics")
