@@ -118,8 +118,10 @@ def replica_env(api_key: str | None, salt: str, loopback: bool, max_body: int = 
 
 
 def controller_env(models: list[str], api_key: str | None, salt: str, run_dir: str, loopback: bool,
-                   max_body: int = MAX_BODY_BYTES) -> dict[str, str]:
-    """What the Serve controller and its HAProxy manager need besides :func:`replica_env`."""
+                   max_body: int = MAX_BODY_BYTES, own_ports: bool = True) -> dict[str, str]:
+    """What the Serve controller and its HAProxy manager need besides :func:`replica_env`.
+    ``own_ports``: free ports of this machine for HAProxy's stats and Prometheus listeners and
+    Serve's fallback proxy (two servers side by side), else Ray's defaults (a cluster's config)."""
     wrapper, binary = find_haproxy()
     policy = Policy(tuple(models), salted_key_hash(api_key, salt) if api_key else None, salt, max_body, loopback=loopback)
     return {
@@ -136,9 +138,11 @@ def controller_env(models: list[str], api_key: str | None, salt: str, run_dir: s
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{run_dir}/metrics.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run_dir,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{run_dir}/server-state",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        **({
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        } if own_ports else {}),
     }
 
 

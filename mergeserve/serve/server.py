@@ -130,7 +130,7 @@ def emit_config(opts: ServeOptions, path: str) -> str:
     salt = ingress.new_salt()
     run_dir = "/tmp/mergeserve-serve"  # on the cluster's nodes
     env = ingress.controller_env([c.name for c in ckpts], opts.api_key, salt, run_dir, loopback=False,
-                                 max_body=opts.max_body_bytes)
+                                 max_body=opts.max_body_bytes, own_ports=False)
     replica = ingress.replica_env(opts.api_key, salt, loopback=False, max_body=opts.max_body_bytes)
     # the target cluster's hardware is not this machine's: no local FP8 check here
     configs = llm_configs(opts, ckpts, accelerator, replica, check_hardware=False)
