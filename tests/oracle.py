@@ -51,6 +51,15 @@ def absolutize(recipe: dict, models_dir: Path) -> dict:
             src["model"] = fix(src["model"])
     if isinstance(r.get("tokenizer_source"), str) and r["tokenizer_source"] not in ("base", "union"):
         r["tokenizer_source"] = fix(r["tokenizer_source"])
+    tk = r.get("tokenizer") or {}
+    if isinstance(tk.get("source"), str) and tk["source"] not in ("base", "union"):
+        tk["source"] = fix(tk["source"])
+    for emb in (tk.get("tokens") or {}).values():
+        src = emb.get("source")
+        if isinstance(src, str):
+            emb["source"] = fix(src)
+        elif isinstance(src, dict) and "model" in src:
+            src["model"] = fix(src["model"])
     return r
 
 

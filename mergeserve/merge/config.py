@@ -11,10 +11,10 @@ need the method registry or the input models' ``config.json`` live in :mod:`.val
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from mergeserve.errors import ConfigError
 
@@ -126,8 +126,40 @@ class OutputSlice(_Strict):
         return self
 
 
+class ModelTokenSource(_Strict):
+    """``{kind: model_token, model, token | token_id}``: a row of one model's embedding."""
+
+    kind: Literal["model_token"]
+    model: ModelRef = Field(description="The model whose row is taken")
+    token_id: int | None = Field(None, description="Row index in that model (its own vocabulary)")
+    token: str | None = Field(None, description="Token whose row is taken, in that model's vocabulary")
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelTokenSource":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroSource(_Strict):
+    kind: Literal["zero"]
+
+
+def _source_tag(value: Any) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return {"model_token": "ModelTokenSource", "zero": "ZeroSource"}.get(kind, "ModelRef")
+
+
+# Dispatched on `kind`, so a mistake is reported against the kind the user meant, not every branch.
+TokenSource = Annotated[
+    Union[Annotated[ModelTokenSource, Tag("ModelTokenSource")], Annotated[ZeroSource, Tag("ZeroSource")],
+          Annotated[ModelRef, Tag("ModelRef")]],
+    Discriminator(_source_tag),
+]
+
+
 class TokenEmbedding(_Strict):
-    source: Any = Field(None, description="Where the new token's embedding comes from")
+    source: TokenSource | None = Field(None, description="A model, {kind: model_token, ...} or {kind: zero}")
     force: bool = Field(False, description="Override an existing embedding")
 
 
@@ -197,7 +229,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif part in ("function-after[_shape()]",) or "function-" in str(part) or str(part).startswith(
-            ("union[", "list[", "tuple[", "bool", "int", "float", "str", "FilteredValue", "ModelRef", "literal")
+            ("union[", "list[", "tuple[", "bool", "int", "float", "str", "FilteredValue", "ModelRef", "literal",
+             "ModelTokenSource", "ZeroSource")
         ):
             continue  # pydantic's union-branch labels: noise for a user
         else:

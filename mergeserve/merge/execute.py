@@ -107,13 +107,17 @@ class SourceCache:
 def load_inputs(task: TensorTask, sources: SourceCache, device: str = "cpu", dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """The task's source tensors, shape-checked and cast to its compute dtype on ``device``."""
     dtype = dtype or ST_DTYPES[task.compute_dtype][0]
+    xf = task.transform
     inputs = []
-    for m, name in task.sources:
+    for k, (m, name) in enumerate(task.sources):
         t = sources[m].get(name)
-        if tuple(t.shape) != task.shape:
-            raise InputError(f"model {sources.models[m].ref}: tensor {name!r} has shape {list(t.shape)}, planned {list(task.shape)}")
+        planned = xf.source_shapes[k] if xf else task.shape
+        if tuple(t.shape) != planned:
+            raise InputError(f"model {sources.models[m].ref}: tensor {name!r} has shape {list(t.shape)}, planned {list(planned)}")
+        if xf:
+            t = xf.patch(k, t)
         inputs.append(t.to(device=device, dtype=dtype))
-    return inputs
+    return xf.remap(inputs) if xf else inputs
 
 
 def task_params(task: TensorTask) -> dict:

@@ -48,7 +48,7 @@ Outputs = list[tuple[str, torch.Tensor]]
 def structure_key(plan: MergePlan) -> str:
     """Plans with equal keys read the same source tensors into the same output layout."""
     layout = tuple(
-        (s.filename, tuple((t.name, t.sources, t.shape) for t in s.tensors)) for s in plan.shards
+        (s.filename, tuple((t.name, t.sources, t.shape, t.transform) for t in s.tensors)) for s in plan.shards
     )
     return hashlib.sha256(repr((tuple(m.path for m in plan.models), layout)).encode()).hexdigest()[:16]
 

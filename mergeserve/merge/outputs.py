@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Sequence
 
 from mergeserve import __version__
-from mergeserve.errors import ConfigError, UnsupportedError
-from mergeserve.merge.config import MergeConfig, ModelRef
+from mergeserve.errors import ConfigError
+from mergeserve.merge.config import MergeConfig
 from mergeserve.merge.execute import ShardResult
 from mergeserve.merge.plan import MergePlan
 from mergeserve.merge.reader import fingerprint
+from mergeserve.merge.vocab import build_tokenizer
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -64,24 +65,13 @@ def _template_of(model_dir: Path) -> str | None:
     return tpl.strip() if isinstance(tpl, str) else None
 
 
-def _tokenizer_donor(config: MergeConfig, plan: MergePlan) -> tuple[int, str]:
-    """Index of the model whose tokenizer is written, and the source setting."""
-    src = config.tokenizer.source if config.tokenizer else config.tokenizer_source
-    if isinstance(src, ModelRef):
-        refs = [m.ref for m in plan.models]
-        if str(src) not in refs:
-            raise ConfigError(f"tokenizer_source: {src} is not one of the recipe's models ({', '.join(refs)})")
-        return refs.index(str(src)), "model"
-    return plan.donor, src or "copy"
-
-
 def resolve_chat_template(config: MergeConfig, plan: MergePlan) -> str | None:
     tpl = config.chat_template
     if not tpl:
         return None
     if tpl == "auto":
         found = [t for m in plan.models if (t := _template_of(Path(m.path)))]
-        return max(set(found), key=found.count) if found else None
+        return max(found, key=found.count) if found else None  # ties: the first model's, as mergekit
     if tpl in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[tpl]
     if len(tpl) < 20 or "{" not in tpl:
@@ -92,19 +82,34 @@ def resolve_chat_template(config: MergeConfig, plan: MergePlan) -> str | None:
 
 
 def check_tokenizer(config: MergeConfig, plan: MergePlan) -> None:
-    """Fail before merging if the tokenizer request cannot be honoured."""
-    donor, how = _tokenizer_donor(config, plan)
-    if how == "union":
-        vocabs = set()
-        for m in plan.models:
-            p = Path(m.path) / "tokenizer.json"
-            vocabs.add(p.read_bytes() if p.exists() else b"")
-        if len(vocabs) > 1:
-            raise UnsupportedError(
-                "tokenizer_source: union of differing vocabularies is not supported yet; "
-                "use 'base' or name one model (embedding permutation is not implemented)"
-            )
+    """Fail before merging if the tokenizer request cannot be honoured (the vocabulary itself was
+    built and checked by the planner)."""
     resolve_chat_template(config, plan)
+
+
+def write_tokenizer(out: Path, config: MergeConfig, plan: MergePlan) -> None:
+    """The output tokenizer files, as mergekit writes them.
+
+    mergekit copies the donor's files verbatim unless the recipe asks for a tokenizer or a chat
+    template; then it saves a ``transformers`` tokenizer: the one built for the merged vocabulary
+    (:mod:`.vocab`), or the donor's reloaded, with the chat template set.
+    """
+    template = resolve_chat_template(config, plan)
+    if plan.tokenizer is None and not config.chat_template:
+        donor = Path(plan.models[plan.donor].path)
+        for name in TOKENIZER_FILES:
+            if (donor / name).exists():
+                shutil.copy(donor / name, out / name)
+        return
+    if plan.tokenizer is not None:
+        tok = build_tokenizer(plan.tokenizer).tokenizer
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(plan.models[plan.donor].path)
+    if template:
+        tok.chat_template = template
+    tok.save_pretrained(out)
 
 
 def write_metadata(
@@ -126,18 +131,7 @@ def write_metadata(
     donor_dir = Path(plan.models[plan.donor].path)
     if (donor_dir / "generation_config.json").exists():
         shutil.copy(donor_dir / "generation_config.json", out / "generation_config.json")
-    tok_idx, _ = _tokenizer_donor(config, plan)
-    tok_dir = Path(plan.models[tok_idx].path)
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).exists():
-            shutil.copy(tok_dir / name, out / name)
-    template = resolve_chat_template(config, plan)
-    if template:
-        tc_path = out / "tokenizer_config.json"
-        tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
-        tc["chat_template"] = template
-        tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
-        (out / "chat_template.jinja").write_text(template)
+    write_tokenizer(out, config, plan)
     (out / "mergekit_config.yml").write_text(recipe_text)
     (out / "README.md").write_text(model_card(config, recipe_text, plan, out.name))
     manifest = {

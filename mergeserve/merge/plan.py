@@ -30,6 +30,8 @@ from mergeserve.merge.methods.registry import MethodSpec, get_method
 from mergeserve.merge.params import MISSING, resolve
 from mergeserve.merge.quantize import FP8_BLOCK, fp8_scale_shape, is_fp8_target
 from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles
+from mergeserve.merge.transforms import InputPlanner, InputTransform
+from mergeserve.merge.vocab import TokenizerPlan
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<idx>\d+)\.(?P<suffix>.+)$")
 OUT_DTYPES = ("float32", "float16", "bfloat16", "fp8")
@@ -58,6 +60,7 @@ class TensorTask:
     quantize: str | None = None  # "fp8_block" or None
     layer: int | None = None  # output layer index, None for embeddings / final norm / lm_head
     seed: int | None = None  # per-tensor seed for random methods
+    transform: InputTransform | None = None  # vocabulary map applied when sources load
 
     @property
     def scale_name(self) -> str:
@@ -104,6 +107,7 @@ class MergePlan:
     out_dtype: str
     seed: int
     fingerprint: str = ""  # hash of the recipe + plan, for --resume
+    tokenizer: TokenizerPlan | None = None  # set when the recipe builds the output tokenizer
     meta: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -124,6 +128,7 @@ class MergePlan:
             f"method {self.method}, {len(self.models)} input models, {self.num_layers} output layers, "
             f"{self.num_tensors} tensors, out dtype {self.out_dtype}",
             *(f"  model[{i}] {m.ref} -> {m.path}" for i, m in enumerate(self.models)),
+            *([f"tokenizer: {self.tokenizer.source} (embeddings and lm_head remapped to it)"] if self.tokenizer else []),
             f"{len(self.shards)} shards, reads {self.bytes_read / 1e9:.3f} GB, writes {self.bytes_written / 1e9:.3f} GB",
         ]
         for s in self.shards:
@@ -200,6 +205,7 @@ class Planner:
         self._index = {m.ref: i for i, m in enumerate(self.models)}
         self.files = [ModelFiles(m.path, allow_pickle=allow_pickle, label=m.ref) for m in self.models]
         self.model_configs = [f.config() for f in self.files]
+        self.inputs = InputPlanner(config, self.models, self.problems, models_dir=models_dir)
 
     # -- structure -------------------------------------------------------------------------
     def _num_layers(self, i: int) -> int:
@@ -298,7 +304,8 @@ class Planner:
             missing = [self.models[m].ref for m, i in zip(models, infos) if i is None]
             self.problems.append(f"tensor {src_names[infos.index(None)]!r} is missing from {', '.join(missing)}")
             return None
-        shapes = {i.shape for i in present}
+        transform, new_shape = self.inputs.transform(models, src_names, [i.shape for i in present], sl.base, out_name, layer)
+        shapes = {i.shape[1:] if new_shape else i.shape for i in present}  # a remapped vocabulary may differ in rows
         if len(shapes) > 1:
             desc = ", ".join(f"{self.models[m].ref}: {list(i.shape)}" for m, i in zip(models, present))
             self.problems.append(f"tensor {out_name!r}: shapes differ between models ({desc})")
@@ -323,7 +330,7 @@ class Planner:
             for i in present[1:]:
                 dt = torch.promote_types(dt, i.torch_dtype)
             compute = TORCH_TO_ST[dt]
-        shape = present[0].shape
+        shape = new_shape or present[0].shape
         quant = None
         od = self.out_dtype_arg
         if od == "fp8":
@@ -351,6 +358,7 @@ class Planner:
             quantize=quant,
             layer=layer,
             seed=seed,
+            transform=transform,
         )
 
     def plan(self) -> MergePlan:
@@ -406,6 +414,7 @@ class Planner:
             out_dtype=str(out_dtype),
             seed=self.seed,
             fingerprint=fp,
+            tokenizer=self.inputs.tokenizer,
         )
 
     def _shard(self, units: list[tuple[int | None, list[TensorTask]]]) -> tuple[ShardTask, ...]:
@@ -434,6 +443,7 @@ class Planner:
         cfg = dict(self.model_configs[donor])
         if "num_hidden_layers" in cfg:
             cfg["num_hidden_layers"] = num_layers
+        self.inputs.set_vocab_size(cfg)
         od = self.out_dtype_arg or self.config.dtype
         if od == "fp8":
             cfg["quantization_config"] = {
