@@ -1,7 +1,9 @@
 """mergekit 0.1.5 as a test oracle, and the comparison rule the issue sets.
 
 :func:`run_mergekit` runs many recipes in ONE subprocess (mergekit's imports cost seconds), each
-recipe with its model references rewritten to absolute paths. :func:`compare` applies the rule:
+recipe with its model references rewritten to absolute paths; LoRA references
+(``model+adapter``) are merged by mergekit into a cache in the work directory.
+:func:`compare` applies the rule:
 tensors are equal bit for bit, or no element differs by more than one bf16 ulp and at most
 0.01% of elements differ at all.
 """
@@ -26,18 +28,26 @@ _SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
-    for cfg_path, out in json.loads(sys.argv[1]):
-        cfg = MergeConfiguration.model_validate(yaml.safe_load(open(cfg_path)))
-        run_merge(cfg, out, MergeOptions(copy_tokenizer=True, quiet=True, write_model_card=False), config_source=open(cfg_path).read())
+    jobs, lora_cache = json.loads(sys.argv[1]), sys.argv[2]
+    opts = MergeOptions(copy_tokenizer=True, quiet=True, write_model_card=False, lora_merge_cache=lora_cache)
+    for cfg_path, out in jobs:
+        text = open(cfg_path).read()
+        cfg = MergeConfiguration.model_validate(yaml.safe_load(text))
+        run_merge(cfg, out, opts, config_source=text)
     """
 )
 
 
 def absolutize(recipe: dict, models_dir: Path) -> dict:
-    """Copy of ``recipe`` with every model id replaced by its path under ``models_dir``."""
+    """Copy of ``recipe`` with every model id (and LoRA adapter id) replaced by its path under
+    ``models_dir``."""
+
+    def one(part: str) -> str:
+        path, at, rev = part.partition("@")
+        return part if Path(path).is_absolute() else str(models_dir / path) + at + rev
 
     def fix(ref):
-        return str(models_dir / ref) if not Path(str(ref)).is_absolute() else ref
+        return "+".join(one(p) for p in str(ref).split("+"))
 
     r = json.loads(json.dumps(recipe))
     if r.get("base_model"):
@@ -70,7 +80,8 @@ def run_mergekit(jobs: list[tuple[dict, Path]], workdir: Path) -> None:
         p = workdir / f"mergekit-recipe-{k}.yaml"
         p.write_text(yaml.safe_dump(recipe))
         pairs.append((str(p), str(out)))
-    subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(pairs)], check=True, timeout=900)
+    cache = workdir / "mergekit-lora-cache"
+    subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(pairs), str(cache)], check=True, timeout=900)
 
 
 def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

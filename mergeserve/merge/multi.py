@@ -50,7 +50,7 @@ def structure_key(plan: MergePlan) -> str:
     layout = tuple(
         (s.filename, tuple((t.name, t.sources, t.shape, t.transform) for t in s.tensors)) for s in plan.shards
     )
-    return hashlib.sha256(repr((tuple(m.path for m in plan.models), layout)).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr((tuple((m.path, m.lora) for m in plan.models), layout)).encode()).hexdigest()[:16]
 
 
 def content_key(plan: MergePlan) -> str:

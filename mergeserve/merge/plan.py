@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from mergeserve.errors import ConfigError, InputError, UnsupportedError
-from mergeserve.merge.config import DTYPE_ALIASES, MergeConfig
+from mergeserve.errors import ConfigError, InputError
+from mergeserve.merge.config import DTYPE_ALIASES, MergeConfig, ModelRef
 from mergeserve.merge.methods.registry import MethodSpec, get_method
 from mergeserve.merge.params import MISSING, resolve
 from mergeserve.merge.quantize import FP8_BLOCK, fp8_scale_shape, is_fp8_target
@@ -44,6 +44,7 @@ class ModelInput:
 
     ref: str
     path: str
+    lora: str | None = None  # adapter directory for ``path+adapter`` references
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class TensorTask:
     quantize: str | None = None  # "fp8_block" or None
     layer: int | None = None  # output layer index, None for embeddings / final norm / lm_head
     seed: int | None = None  # per-tensor seed for random methods
-    transform: InputTransform | None = None  # vocabulary map applied when sources load
+    transform: InputTransform | None = None  # LoRA patches / vocabulary map applied when sources load
 
     @property
     def scale_name(self) -> str:
@@ -127,7 +128,7 @@ class MergePlan:
         lines = [
             f"method {self.method}, {len(self.models)} input models, {self.num_layers} output layers, "
             f"{self.num_tensors} tensors, out dtype {self.out_dtype}",
-            *(f"  model[{i}] {m.ref} -> {m.path}" for i, m in enumerate(self.models)),
+            *(f"  model[{i}] {m.ref} -> {m.path}" + (f" + LoRA {m.lora}" if m.lora else "") for i, m in enumerate(self.models)),
             *([f"tokenizer: {self.tokenizer.source} (embeddings and lm_head remapped to it)"] if self.tokenizer else []),
             f"{len(self.shards)} shards, reads {self.bytes_read / 1e9:.3f} GB, writes {self.bytes_written / 1e9:.3f} GB",
         ]
@@ -166,6 +167,14 @@ def resolve_model_path(ref: str, models_dir: str | Path | None = None) -> Path:
         ) from None
 
 
+def resolve_adapter(ref: ModelRef, models_dir: str | Path | None = None) -> Path:
+    """The directory of a ``model+adapter`` reference's LoRA adapter (resolved like a model)."""
+    try:
+        return resolve_model_path(ref.lora, models_dir)
+    except InputError as e:
+        raise InputError(f"model {str(ref)!r}: LoRA adapter {e.message.removeprefix('model ')}") from None
+
+
 @dataclass
 class _Slice:
     sources: list[tuple[int, int, dict | None]]  # (model index, layer start, per-source params)
@@ -196,16 +205,16 @@ class Planner:
         if self.out_dtype_arg is not None and self.out_dtype_arg not in OUT_DTYPES and self.out_dtype_arg not in DTYPE_ALIASES:
             raise ConfigError(f"out_dtype: unknown dtype {self.out_dtype_arg!r} (use one of {', '.join(OUT_DTYPES)})")
         refs = config.referenced_models()
-        with_lora = [str(r) for r in refs if getattr(r, "lora", None)]
-        if with_lora:  # refuse rather than silently merge the model without its adapter
-            raise UnsupportedError(
-                f"models: LoRA adapters are not supported yet ({', '.join(with_lora)}); merge the adapter into its model first"
-            )
-        self.models = tuple(ModelInput(str(r), str(resolve_model_path(str(r), models_dir))) for r in refs)
+        self.models = tuple(
+            ModelInput(str(r), str(resolve_model_path(str(r), models_dir)), str(resolve_adapter(r, models_dir)) if r.lora else None)
+            for r in refs
+        )
         self._index = {m.ref: i for i, m in enumerate(self.models)}
         self.files = [ModelFiles(m.path, allow_pickle=allow_pickle, label=m.ref) for m in self.models]
         self.model_configs = [f.config() for f in self.files]
-        self.inputs = InputPlanner(config, self.models, self.problems, models_dir=models_dir)
+        self.inputs = InputPlanner(
+            config, self.models, self.files, self.model_configs, self.problems, allow_pickle=allow_pickle, models_dir=models_dir
+        )
 
     # -- structure -------------------------------------------------------------------------
     def _num_layers(self, i: int) -> int:

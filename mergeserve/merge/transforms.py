@@ -1,10 +1,13 @@
 """Input transforms: what happens to a source tensor between the file and the merge method.
 
-In mergekit 0.1.5 sources are cast to the compute dtype and then, when the recipe asks for a
-tokenizer (``tokenizer_source`` / ``tokenizer:``), the vocabulary tensors (embeddings, lm_head)
-are remapped to the output vocabulary (:mod:`.vocab`), across all sources of the tensor.
+Two things alter sources in mergekit 0.1.5 before a method sees them, in this order:
 
-:class:`InputPlanner` decides this at planning time and hands each tensor task an
+1. a LoRA adapter on the model reference (``model+adapter``: :mod:`.lora`), on the stored tensor;
+2. the cast to the compute dtype (the executor's, as for every tensor);
+3. the vocabulary map of embeddings and lm_head when the recipe asks for a tokenizer
+   (``tokenizer_source`` / ``tokenizer:``: :mod:`.vocab`), across all sources of the tensor.
+
+:class:`InputPlanner` decides both at planning time and hands each tensor task an
 :class:`InputTransform` (frozen data, pickled with the plan); the executor calls
 :meth:`InputTransform.patch` per loaded source and :meth:`InputTransform.remap` on the cast list.
 """
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from mergeserve.merge.config import MergeConfig, ModelRef
+from mergeserve.merge.lora import LoraPatch, plan_adapter
 from mergeserve.merge.vocab import (
     BuiltTokenizer,
     TokenizerPlan,
@@ -36,11 +40,13 @@ class InputTransform:
     """Per-task input changes. ``source_shapes[k]`` is source k's stored shape (the file's)."""
 
     source_shapes: tuple[tuple[int, ...], ...]
+    lora: tuple[LoraPatch | None, ...] = ()
     vocab: VocabMap | None = None
 
     def patch(self, k: int, t: torch.Tensor) -> torch.Tensor:
-        """Source ``k`` as stored -> before the cast (nothing yet: the hook for per-source changes)."""
-        return t
+        """Source ``k`` as stored -> as mergekit's LoRA-merged model holds it (same dtype)."""
+        p = self.lora[k] if self.lora else None
+        return p.apply(t) if p is not None else t
 
     def remap(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The cast sources -> the same rows in the output vocabulary."""
@@ -48,12 +54,21 @@ class InputTransform:
 
 
 class InputPlanner:
-    """Plans the output vocabulary for one recipe; appends problems to ``problems``."""
+    """Plans adapters and the output vocabulary for one recipe; appends problems to ``problems``."""
 
-    def __init__(self, config: MergeConfig, models, problems: list[str], *, models_dir=None):
+    def __init__(self, config: MergeConfig, models, files, model_configs, problems: list[str], *, allow_pickle: bool, models_dir=None):
         self.config = config
         self.refs = [m.ref for m in models]
         self.problems = problems  # the planner's list: every problem is reported together
+        self.patches: list[dict[str, LoraPatch]] = []
+        for m, f, cfg in zip(models, files, model_configs):
+            if m.lora is None:
+                self.patches.append({})
+                continue
+            shapes = {n: i.shape for n, i in f.tensors.items()}
+            patches, problems = plan_adapter(m.lora, shapes, str(cfg.get("model_type", "")), allow_pickle=allow_pickle, label=m.ref)
+            self.patches.append(patches)
+            self.problems += [f"model {m.ref}: {p}" for p in problems]
         self.tokenizer: TokenizerPlan | None = None
         self.built: BuiltTokenizer | None = None
         tk = config.tokenizer
@@ -85,15 +100,16 @@ class InputPlanner:
     ) -> tuple[InputTransform | None, tuple[int, ...] | None]:
         """The transform of one task (sources ``models``/``names`` with stored ``shapes``) and its
         output shape when the transform changes it (a remapped vocabulary), else None."""
+        lora = tuple(self.patches[m].get(n) for m, n in zip(models, names))
         vocab = None
         if self.built is not None and layer is None and VOCAB_TENSOR.search(out_name) and all(len(s) == 2 for s in shapes):
             tokens = (self.config.tokenizer.tokens or {}) if self.config.tokenizer else {}
             vocab, problems = vocab_map(self.built, models, self.refs, base, tokens, [s[0] for s in shapes])
             self.problems += problems
-        if vocab is None:
+        if vocab is None and not any(lora):
             return None, None
-        xf = InputTransform(tuple(tuple(s) for s in shapes), vocab)
-        return xf, (vocab.rows, *shapes[0][1:])
+        xf = InputTransform(tuple(tuple(s) for s in shapes), lora if any(lora) else (), vocab)
+        return xf, ((vocab.rows, *shapes[0][1:]) if vocab is not None else None)
 
     def set_vocab_size(self, cfg: dict[str, Any]) -> None:
         """Write the output vocabulary size into an output config.json mapping (as mergekit does)."""
