@@ -165,7 +165,8 @@ def main() -> None:
     }
     ref = res["sides"].get("mergekit")
     floor = res["sides"].get("io-floor")
-    lines = [f"| side ({a.shape}, median of {a.rounds}) | wall s | peak tree RSS GiB | peak worker RSS GiB | speed-up vs mergekit | RSS vs mergekit | x I/O floor | merged by Ray actors |",
+    lines = [f"| side ({a.shape}, median of {a.rounds}) | wall s | peak tree RSS GiB | peak worker RSS GiB | speed-up vs mergekit "
+             "| RSS vs mergekit | x I/O floor | merged by Ray actors |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in sides:
         d = res["sides"][s]

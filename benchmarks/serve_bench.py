@@ -2,8 +2,11 @@
 same checkpoint, same load, one after the other in one run.
 
     .venv/bin/python benchmarks/serve_bench.py CHECKPOINT [--rounds 3] [--concurrency 16] [--requests 64] [--max-tokens 64]
+        [--sides vllm,mergeserve,ray-proxy,ray-haproxy,ray-haproxy-direct] [--tag NAME]
 
-Each round starts each server in turn (alternating, so that drift on a shared machine hits both),
+Sides: vLLM's own server (the peer), `mergeserve serve`, and Ray Serve's own request paths
+(benchmarks/ray_serve_variants.py). Each round starts each server in turn (rotating the order,
+so that drift on a shared machine hits every side),
 timing start-up to the first successful request, warms it, then runs the load: ``--requests``
 streamed completions, ``--concurrency`` at a time, each generating exactly ``--max-tokens``
 tokens (ignore_eos). Measured per round: output tokens/s, p50/p90 time to first token, peak RSS
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -100,7 +104,8 @@ def role(p: psutil.Process) -> str:
         return "gone"
     for key, name in (("VLLM::Worker", "engine worker"), ("VLLM::EngineCore", "engine core"),
                       ("ProxyActor", "Serve HTTP proxy"), ("OpenAiIngress", "Serve OpenAI ingress"),
-                      ("LLMServer", "Serve LLMServer replica"), ("vllm.entrypoints.openai.api_server", "vLLM API server")):
+                      ("LLMServer", "Serve LLMServer replica"), ("LLMRouter", "Serve LLM router"), ("haproxy", "HAProxy"),
+                      ("HAProxyManager", "Serve HAProxy manager"), ("vllm.entrypoints.openai.api_server", "vLLM API server")):
         if key in title:
             return name
     return "other (Ray's GCS, raylet, controller, agents; driver)"
@@ -121,7 +126,8 @@ def cpu_by_role(pid: int) -> dict[str, float]:
 
 def start(cmd: list[str], url: str, model: str) -> tuple[subprocess.Popen, float, RssWatch]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     watch = RssWatch(proc.pid)
     watch.start()
     while True:
@@ -164,65 +170,94 @@ def median_of(rounds: list[dict]) -> dict:
     return med
 
 
+def ray_variant(script: str, checkpoint: str, name: str, mode: str, port: int) -> list[str]:
+    return [sys.executable, script, checkpoint, "--port", str(port), "--name", name, "--mode", mode]
+
+
+def side_commands(a: argparse.Namespace, name: str) -> dict:
+    """Each side's command line, given a free port."""
+    here = str(REPO / "benchmarks" / "ray_serve_variants.py")
+    known = {
+        "vllm": lambda port: [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", a.checkpoint,
+                              "--served-model-name", name, "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port)],
+        "mergeserve": lambda port: [sys.executable, "-m", "mergeserve.cli", "serve", a.checkpoint, "--name", name,
+                                    "--port", str(port), "--metrics-port", str(free_port()), *a.serve_args.split()],
+        **{f"ray-{mode}": partial(ray_variant, here, a.checkpoint, name, mode) for mode in ("proxy", "haproxy", "haproxy-direct")},
+    }
+    unknown = [s for s in a.sides if s not in known]
+    if unknown or "vllm" not in a.sides:
+        raise SystemExit(f"--sides: vllm (the peer) and any of {', '.join(known)}; unknown: {unknown}")
+    return {s: known[s] for s in a.sides}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (each starts both servers); medians are reported")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (each starts every server); medians are reported")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--single-requests", type=int, default=16, help="then this many requests one at a time, for TTFT without load")
+    ap.add_argument("--sides", type=lambda v: v.split(","), default=["vllm", "mergeserve"],
+                    help="comma-separated: vllm (the peer), mergeserve, ray-proxy, ray-haproxy, ray-haproxy-direct")
+    ap.add_argument("--tag", default="", help="suffix of the result files (serve-TAG.json)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--serve-args", default="", help="extra arguments for mergeserve serve, e.g. --no-engine-metrics")
     a = ap.parse_args()
     name = "bench-model"
-    sides = {
-        "vllm-openai-server": lambda port: [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", a.checkpoint,
-                                            "--served-model-name", name, "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port)],
-        "mergeserve-serve": lambda port: [sys.executable, "-m", "mergeserve.cli", "serve", a.checkpoint, "--name", name,
-                                          "--port", str(port), "--metrics-port", str(free_port()), *a.serve_args.split()],
-    }
+    sides = side_commands(a, name)
     rounds: dict[str, list[dict]] = {side: [] for side in sides}
     for i in range(a.rounds):
-        for side, cmd in (sides.items() if i % 2 == 0 else reversed(sides.items())):
+        order = list(sides.items())
+        order = order[i % len(order):] + order[: i % len(order)]  # rotate, so that drift hits every side
+        for side, cmd in order:
             r = run_side(cmd, name, a)
             rounds[side].append(r)
             print(f"round {i + 1} {side:20s} start {r['startup_s']:6.1f} s  {r['output_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
-                  f"p90 {r['ttft_p90_ms']:7.1f} ms  1-stream TTFT p50 {r['single_ttft_p50_ms']:6.1f} ms  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-    v_rounds, m_rounds = rounds["vllm-openai-server"], rounds["mergeserve-serve"]
-    ratios = [m["output_tok_s"] / v["output_tok_s"] for v, m in zip(v_rounds, m_rounds)]
-    ttft_deltas = [m["ttft_p50_ms"] - v["ttft_p50_ms"] for v, m in zip(v_rounds, m_rounds)]
+                  f"p90 {r['ttft_p90_ms']:7.1f} ms  1-stream TTFT p50 {r['single_ttft_p50_ms']:6.1f} ms  peak RSS {r['peak_rss_gib']:.2f} GiB"
+                  f"  CPU ms/request {json.dumps({k: round(v, 1) for k, v in r['cpu_ms_per_request'].items()})}", flush=True)
     results = {side: median_of(rs) for side, rs in rounds.items()}
-    v, m = results["vllm-openai-server"], results["mergeserve-serve"]
-    summary = {"tok_s_ratio_median": statistics.median(ratios), "tok_s_ratio_per_round": ratios,
-               "ttft_p50_delta_ms_median": statistics.median(ttft_deltas), "ttft_p50_delta_ms_per_round": ttft_deltas}
-    roles = list(dict.fromkeys([*v["cpu_ms_per_request"], *m["cpu_ms_per_request"]]))
+    peer = rounds["vllm"]
+    summary = {}
+    for side, rs in rounds.items():
+        if side == "vllm":
+            continue
+        summary[side] = {
+            "tok_s_ratio_median": statistics.median(m["output_tok_s"] / v["output_tok_s"] for v, m in zip(peer, rs)),
+            "tok_s_ratio_per_round": [m["output_tok_s"] / v["output_tok_s"] for v, m in zip(peer, rs)],
+            "ttft_p50_delta_ms_median": statistics.median(m["ttft_p50_ms"] - v["ttft_p50_ms"] for v, m in zip(peer, rs)),
+            "single_ttft_delta_ms_median": statistics.median(m["single_ttft_p50_ms"] - v["single_ttft_p50_ms"] for v, m in zip(peer, rs)),
+            "startup_ratio_median": statistics.median(m["startup_s"] / v["startup_s"] for v, m in zip(peer, rs)),
+        }
+    roles = list(dict.fromkeys(k for r in results.values() for k in r["cpu_ms_per_request"]))
     table = "\n".join([
-        f"| server ({a.concurrency} concurrent streams, {a.requests} x {a.max_tokens} tokens; median of {a.rounds} alternating rounds) "
+        f"| server ({a.concurrency} concurrent streams, {a.requests} x {a.max_tokens} tokens; median of {a.rounds} rotating rounds) "
         "| output tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p50 ms, 1 stream | start-up s | peak RSS GiB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(f"| {k} | {r['output_tok_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['single_ttft_p50_ms']:.1f} "
           f"| {r['startup_s']:.1f} | {r['peak_rss_gib']:.2f} |" for k, r in results.items()),
-        f"| mergeserve / vLLM (median of per-round ratios) | {summary['tok_s_ratio_median']:.1%} "
-        f"| {summary['ttft_p50_delta_ms_median']:+.1f} ms | | {m['single_ttft_p50_ms'] - v['single_ttft_p50_ms']:+.1f} ms | | |",
         "",
-        f"Per-round tok/s ratios: {', '.join(f'{x:.1%}' for x in ratios)}; TTFT p50 differences: "
-        f"{', '.join(f'{x:+.0f} ms' for x in ttft_deltas)}.",
+        "| side / vLLM (median of per-round ratios and differences) | tok/s | TTFT p50 | TTFT p50, 1 stream | start-up |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {k} | {v['tok_s_ratio_median']:.1%} | {v['ttft_p50_delta_ms_median']:+.1f} ms | {v['single_ttft_delta_ms_median']:+.1f} ms "
+          f"| {v['startup_ratio_median']:.2f}x |" for k, v in summary.items()),
         "",
         "CPU time used during the load, per request (ms; median over rounds):",
         "",
-        "| process | vllm-openai-server | mergeserve-serve |",
-        "| --- | ---: | ---: |",
-        *(f"| {k} | {v['cpu_ms_per_request'].get(k, 0.0):.1f} | {m['cpu_ms_per_request'].get(k, 0.0):.1f} |" for k in roles),
-        f"| total | {sum(v['cpu_ms_per_request'].values()):.1f} | {sum(m['cpu_ms_per_request'].values()):.1f} |",
+        "| process | " + " | ".join(results) + " |",
+        "| --- |" + " ---: |" * len(results),
+        *(f"| {k} | " + " | ".join(f"{r['cpu_ms_per_request'].get(k, 0.0):.1f}" for r in results.values()) + " |" for k in roles),
+        "| total | " + " | ".join(f"{sum(r['cpu_ms_per_request'].values()):.1f}" for r in results.values()) + " |",
     ])
     print(table)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"settings": {"concurrency": a.concurrency, "requests": a.requests, "max_tokens": a.max_tokens, "rounds": a.rounds,
-                        "serve_args": a.serve_args}, "median": results, "summary": summary, "rounds": rounds}
-    (out / "serve.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "serve.md").write_text(table + "\n")
+    stem = f"serve-{a.tag}" if a.tag else "serve"
+    doc = {"settings": {"checkpoint": a.checkpoint, "concurrency": a.concurrency, "requests": a.requests, "max_tokens": a.max_tokens,
+                        "rounds": a.rounds, "sides": a.sides, "serve_args": a.serve_args},
+           "median": results, "summary": summary, "rounds": rounds}
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import sys
 
 from mergeserve.errors import MergeServeError
+from mergeserve.merge.options import DEFAULT_SHARD_SIZE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,7 +21,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="recipe YAML (mergekit format; several documents: a mergekit-multi recipe)")
     p.add_argument("out", help="output directory (appears atomically when the merge succeeds)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the tensor math (default cpu)")
-    p.add_argument("--out-shard-size", default="5B", help="max bytes per output shard, e.g. 5B, 500M (default 5B)")
+    p.add_argument("--out-shard-size", default=DEFAULT_SHARD_SIZE, help="max bytes per output shard, e.g. 5B, 500M (default 5B)")
     p.add_argument("--out-dtype", choices=["bfloat16", "float16", "float32", "fp8"], help="overrides the recipe's out_dtype")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--models-dir", help="resolve model ids (org/name) under this directory first")
@@ -29,56 +30,60 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan-only", action="store_true", help="print the plan and exit without merging")
     p.add_argument("--local", action="store_true", help="merge in this process, without Ray")
     p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:port (default: start a local Ray)")
-    p.add_argument("--workers", type=int, help="number of merge actors (default: one per GPU, else per 2 CPUs... sized to the cluster)")
+    p.add_argument("--workers", type=int, help="number of merge actors (default: one per GPU of the cluster, else one per CPU)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run, verifying finished shards (or stages)")
     p.add_argument("--keep-intermediates", action="store_true", help="multi-stage recipes: keep each stage's checkpoint as OUT/stages/NAME")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _cmd_merge(a: argparse.Namespace) -> int:
-    common = dict(
-        out_shard_size=a.out_shard_size, out_dtype=a.out_dtype, models_dir=a.models_dir,
-        allow_pickle=a.allow_pickle, seed=a.seed,
+def _merge_options(a: argparse.Namespace):
+    from mergeserve.merge.options import MergeOptions
+
+    return MergeOptions(
+        device=a.device, out_shard_size=a.out_shard_size, out_dtype=a.out_dtype, models_dir=a.models_dir,
+        allow_pickle=a.allow_pickle, seed=a.seed, overwrite=a.overwrite, progress=not a.quiet,
+        address=a.address, workers=a.workers, resume=a.resume, keep_intermediates=a.keep_intermediates,
     )
+
+
+def _cmd_merge(a: argparse.Namespace) -> int:
     from mergeserve.merge.stages import load_stages
 
+    options = _merge_options(a)
     graph = load_stages(a.config)
     if graph is not None:
-        return _merge_stages(a, graph, common)
+        return _merge_stages(a, graph, options)
     if a.plan_only:
         from mergeserve.merge.api import plan_merge
 
-        print(plan_merge(a.config, **common)[2].describe())
+        print(plan_merge(a.config, options)[2].describe())
         return 0
     if a.local:
         from mergeserve.merge.api import merge
 
-        result = merge(a.config, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet, **common)
+        result = merge(a.config, a.out, options)
     else:
         from mergeserve.cluster.driver import merge_distributed
 
-        result = merge_distributed(
-            a.config, a.out, device=a.device, overwrite=a.overwrite, progress=not a.quiet,
-            address=a.address, workers=a.workers, resume=a.resume, **common,
-        )
+        result = merge_distributed(a.config, a.out, options)
     print(result.summary())
     return 0
 
 
-def _merge_stages(a: argparse.Namespace, graph, common: dict) -> int:
+def _merge_stages(a: argparse.Namespace, graph, options) -> int:
     from mergeserve.merge.stage_run import check_stages, local_runner, merge_stages
 
     if a.local or a.plan_only:
-        runner = local_runner(device=a.device, progress=not a.quiet, **common)
+        runner = local_runner(options)
     else:
         from mergeserve.cluster.stages import ray_runner
 
-        runner = ray_runner(address=a.address, workers=a.workers, device=a.device, progress=not a.quiet, **common)
+        runner = ray_runner(options)
     if a.plan_only:
         check_stages(graph, runner)
         print(graph.describe())
         return 0
-    result = merge_stages(graph, a.out, runner, overwrite=a.overwrite, resume=a.resume, keep_intermediates=a.keep_intermediates)
+    result = merge_stages(graph, a.out, runner, options)
     print(result.summary())
     return 0
 
@@ -93,7 +98,9 @@ def _cmd_validate(a: argparse.Namespace) -> int:
         from mergeserve.merge.stage_run import check_stages, local_runner
 
         if not a.schema_only:
-            check_stages(graph, local_runner(models_dir=a.models_dir, out_dtype=a.out_dtype))
+            from mergeserve.merge.options import MergeOptions
+
+            check_stages(graph, local_runner(MergeOptions(models_dir=a.models_dir, out_dtype=a.out_dtype)))
         print(f"{a.config}: valid multi-stage recipe ({len(graph.stages)} stages, final {graph.final})")
         return 0
     if a.schema_only:

@@ -8,9 +8,25 @@ one-line message whether the merge ran in-process or on a remote node.
 
 from __future__ import annotations
 
+# A message quotes what the user gave (paths, tensor names, header values): a hostile file can make
+# that arbitrarily long or put a terminal escape in it. What is shown is one line of at most this
+# many characters, with control characters escaped.
+MAX_MESSAGE = 2000
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` as one printable line of at most ``limit`` characters."""
+    text = text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").replace("\t", " ")
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    if len(text) > limit:
+        more = f"... ({len(text) - limit} more characters)"
+        text = text[: limit - len(more)] + more
+    return text
+
 
 class MergeServeError(Exception):
-    """Base class. `str(err)` is the one-line message shown to the user."""
+    """Base class. `str(err)` is the one-line message shown to the user (see :func:`one_line`)."""
 
     exit_code: int = 1
     http_status: int = 500
@@ -23,7 +39,7 @@ class MergeServeError(Exception):
         return (self.__class__, (self.message,))
 
     def __str__(self) -> str:
-        return self.message
+        return one_line(self.message)
 
 
 class ConfigError(MergeServeError):
@@ -40,7 +56,7 @@ class ConfigError(MergeServeError):
         return (self.__class__, (self.message, self.problems))
 
     @classmethod
-    def from_problems(cls, problems: list[str], source: str = "config") -> "ConfigError":
+    def from_problems(cls, problems: list[str], source: str = "config") -> ConfigError:
         head = f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}: "
         return cls(head + "; ".join(problems), problems)
 

@@ -66,7 +66,14 @@ def _split(text: str, fraction: float) -> tuple[str, str]:
 
 
 def _train_tokenizer(texts: list[str], out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -156,8 +163,8 @@ def _paths(out: Path, archs) -> dict[str, dict[str, Path]]:
 
 @contextlib.contextmanager
 def _build_lock(target: Path):
-    """One builder of ``target`` at a time across processes (concurrent test sessions share the
-    cache); the others wait, then find it built."""
+    """One builder of the family at ``target`` (members included) at a time across processes
+    (concurrent test sessions share the cache); the others wait, then find it built."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -178,8 +185,8 @@ def build_tiny_family(out, archs=ARCHS, force: bool = False, progress: bool = Tr
     """Build (or reuse) the family under ``out``; returns ``{arch: {"base"|"code"|"prose": Path}}``."""
     out = Path(out).absolute()
     archs = tuple(archs)
-    if not force and _recorded(out / "family.json", _key(archs)):
-        return _paths(out, archs)
+    # Concurrent builders (test sessions, the demo) share one staging directory: the lock makes
+    # the later ones wait and then reuse what the first built.
     with _build_lock(out):
         if not force and _recorded(out / "family.json", _key(archs)):
             return _paths(out, archs)
@@ -266,7 +273,7 @@ def build_chatml_member(family_dir, arch: str = "mistral", force: bool = False) 
     meta = out / "chatml.json"
     if not force and _recorded(meta, key):
         return out
-    with _build_lock(out):
+    with _build_lock(family):  # the family's lock: a rebuild of the family replaces this directory too
         if not force and _recorded(meta, key):
             return out
         stage = family / f".{out.name}.building"

@@ -4,7 +4,8 @@
 #   2. build the tiny model family (tokenizer, Mistral/Llama/Qwen2 base + code/prose fine-tunes);
 #   3. merge the two Mistral fine-tunes with the Marcoro14 slerp recipe on an embedded Ray, to FP8;
 #   4. show what the merge did (held-out perplexity of the inputs and the merge, in bf16);
-#   5. serve the FP8 merge with Ray Serve + vLLM, ask it a question with the openai client, stop.
+#   5. serve the FP8 merge (Ray Serve with HAProxy + vLLM, FP8 weights on any x86 CPU), ask it a question
+#      with the openai client, stop.
 # Step 5 runs when the serve command is available (mergeserve serve --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."

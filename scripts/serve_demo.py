@@ -3,8 +3,9 @@ official openai client, print the answer, and shut the server down (SIGTERM, as 
 
     .venv/bin/python scripts/serve_demo.py FP8_CHECKPOINT [BF16_FALLBACK]
 
-The FP8 checkpoint is served where vLLM can run FP8 (a GPU, or a CPU with AMX). Elsewhere
-`mergeserve serve` refuses it with the reason, and the demo serves the bf16 merge instead.
+The FP8 checkpoint is served with its FP8 weights on GPUs and on every x86-64 CPU (vLLM's AMX
+kernels where the CPU has AMX, mergeserve's vLLM plugin elsewhere). Only on another CPU (Arm)
+does `mergeserve serve` refuse it, with the reason, and the demo serves the bf16 merge instead.
 """
 
 from __future__ import annotations

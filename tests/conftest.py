@@ -1,4 +1,5 @@
-"""Session-scoped fixtures: the tiny model family (trained locally, cached) and random checkpoints."""
+"""Session-scoped fixtures: the tiny model family (trained locally, cached), random checkpoints, and
+a real multi-node Ray cluster on this machine (tests/cluster and tests/sweep)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def random_models(tmp_path_factory):
     b = make_random_model(root / "ft-b", "tiny", seed=3, noise_of=base)
     c = make_random_model(root / "ft-c", "tiny", seed=4, noise_of=base)
     return {"base": base, "a": a, "b": b, "c": c, "root": root}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Three nodes with their own resources (1 + 1 + 1 CPUs), joined by this process's driver."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -20,7 +20,7 @@ def _names(d):
 
 @pytest.mark.parametrize("arch", sorted(CLASSES))
 def test_architecture_and_files(tiny_family, arch):
-    for role, d in tiny_family[arch].items():
+    for d in tiny_family[arch].values():
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["architectures"] == [CLASSES[arch]] and cfg["num_hidden_layers"] == 4 and cfg["max_position_embeddings"] == 4096
         names = _names(d)

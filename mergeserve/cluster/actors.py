@@ -1,49 +1,53 @@
-"""The Ray merge actor: executes parts of a plan's shards on one device (see cluster.parts).
+"""The actors of a :class:`~mergeserve.cluster.pool.WorkerPool`: plain classes, made Ray actors
+by the pool (one per GPU, ``num_gpus=1`` and math on ``cuda``, or one per CPU).
 
-One actor per GPU (``num_gpus=1``, math on ``cuda``) or per CPU share (``num_cpus=1``). An actor
-keeps its input mmaps open across shards of the same plan. Ray restarts a killed actor
-(``max_restarts``) and retries its task (``max_task_retries``); since a shard is written to a
-``.tmp`` file and renamed only when all its parts are in, and every tensor is a deterministic
-function of the plan (random methods use per-tensor seeds), a retried part rewrites the same bytes.
+:class:`Worker` is what every actor has: a name for summaries, its device, and its inputs' files
+kept open across tasks that read the same models. :class:`MergeWorker` executes parts of a plan's
+shards (see cluster.parts); since a shard is written to a ``.tmp`` file and renamed only when all
+its parts are in, and every tensor is a deterministic function of the plan (random methods use
+per-tensor seeds), a part retried after its actor died rewrites the same bytes.
 """
 
 from __future__ import annotations
 
-import os
-
-import ray
+from typing import Any
 
 
-@ray.remote
-class MergeWorker:
+class Worker:
     def __init__(self, device: str = "cpu"):
         # The engine (and torch) is imported here, when the actor starts, so that the import
-        # overlaps the driver's planning instead of delaying the first shard.
-        from mergeserve.cluster import parts
-        from mergeserve.merge import execute
+        # overlaps the driver's planning instead of delaying the first task.
+        from mergeserve.cluster.pool import worker_name
+        from mergeserve.merge.execute import tune_malloc
 
-        execute.tune_malloc()
-        self._execute = execute
-        self._parts = parts
+        tune_malloc()
         self.device = device
-        # node (first 8 hex digits of the Ray node id) + pid: names the worker in summaries.
-        self.name = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
-        self._sources = None
-        self._plan_fp: str | None = None
-
-    def info(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "device": self.device, "node": ray.get_runtime_context().get_node_id()}
+        self.name = worker_name()
+        self._sources: Any = None
 
     def ready(self) -> str:
-        """Returns once the actor has started (its engine imported): the driver hands it parts then."""
+        """Returns once the actor has started (its engine imported): the pool hands it jobs then."""
         return self.name
 
-    def run_part(self, plan, part, out_dir: str):
+    def sources_for(self, plan: Any) -> Any:
+        """A SourceCache of ``plan``'s inputs, reused while tasks read the same models."""
+        from mergeserve.merge.execute import SourceCache
+
+        if self._sources is None or not self._sources.serves(plan):
+            self.close()
+            self._sources = SourceCache(plan)
+        return self._sources
+
+    def close(self) -> None:
+        if self._sources is not None:
+            self._sources.close()
+        self._sources = None
+
+
+class MergeWorker(Worker):
+    def run_part(self, plan: Any, part: Any, out_dir: str) -> Any:
         """Merge ``part`` (a cluster.parts.Part) of ``plan`` (a MergePlan) into its shard's file in
         ``out_dir``; returns its PartResult."""
-        if self._plan_fp != plan.fingerprint:
-            if self._sources is not None:
-                self._sources.close()
-            self._sources = self._execute.SourceCache(plan.models)
-            self._plan_fp = plan.fingerprint
-        return self._parts.run_part(plan, part, out_dir, sources=self._sources, device=self.device, worker=self.name)
+        from mergeserve.cluster.parts import run_part
+
+        return run_part(plan, part, out_dir, sources=self.sources_for(plan), device=self.device, worker=self.name)

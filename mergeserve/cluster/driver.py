@@ -3,7 +3,7 @@
 Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
 
 1. Validate the recipe and every input header, build the plan (no Ray needed). Ray start-up runs
-   in a background thread meanwhile, so its ~2 s overlap with planning.
+   in a background thread meanwhile, so that the two overlap.
 2. Connect: a local Ray sized to this machine when no ``--address``; ``auto`` or ``ray://host:port``
    (or ``host:port``) joins an existing cluster. An unreachable address fails within seconds.
 3. Each shard is cut into parts (runs of whole tensors, see :mod:`~mergeserve.cluster.parts`),
@@ -19,20 +19,20 @@ Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
 
 from __future__ import annotations
 
-import inspect
 import os
-import queue
-import socket
 import threading
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergeserve.errors import ClusterError, ConfigError, InputError, MergeServeError, ResourceError
+from mergeserve.cluster.session import ray_session
+from mergeserve.errors import ConfigError, InputError, ResourceError
 
 if TYPE_CHECKING:
+    from mergeserve.cluster.pool import WorkerPool
     from mergeserve.merge.api import MergeResult
+    from mergeserve.merge.options import MergeOptions
 
 # torch and the merge engine are imported on the planning thread, while Ray starts on this one:
 # both take seconds, and a short merge is dominated by such fixed costs.
@@ -40,249 +40,169 @@ if TYPE_CHECKING:
 AUTO_SHARDS_PER_WORKER = 3
 
 
-def _probe(address: str, timeout: float = 3.0) -> None:
-    """Fail fast on an address nobody listens on (ray.init would retry for a long time)."""
-    hostport = address.removeprefix("ray://")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"--address {address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as e:
-        raise ClusterError(f"--address {address}: Ray cluster unreachable ({e.strerror or e})") from None
-
-
-@contextmanager
-def _lean_head_node():
-    """While ``ray.init`` starts an embedded cluster: no autoscaler monitor, no log monitor, no
-    API server.
-
-    None has work here: nothing to autoscale; ``log_to_driver=False``; and with
-    ``include_dashboard=False`` the API server process runs only Ray's usage-stats module. On a
-    small machine their start-up competes with the merge (together about 2 CPU-seconds measured
-    here), and the monitor alone held ``ray.shutdown`` for 1 s (it outlasts the SIGTERM grace
-    period). ``ray.init`` has no options for them; the node parameters it builds (``RayParams``)
-    do for the monitors, and the API server is started by one method of the head node. If Ray's
-    internals differ from what is expected here, nothing is changed and Ray starts them as usual.
-    """
-    try:
-        from ray._private import node, parameter
-
-        orig_params = parameter.RayParams.__init__
-        orig_api = node.Node.start_api_server
-        if not {"no_monitor", "include_log_monitor"} <= set(inspect.signature(orig_params).parameters):
-            raise LookupError
-    except Exception:  # noqa: BLE001 - see above
-        yield
-        return
-
-    def lean_params(self, *args, **kwargs):
-        kwargs["no_monitor"] = True
-        kwargs["include_log_monitor"] = False
-        orig_params(self, *args, **kwargs)
-
-    def no_api_server(self, *args, **kwargs):
-        if kwargs.get("include_dashboard"):
-            return orig_api(self, *args, **kwargs)
-        return None
-
-    parameter.RayParams.__init__ = lean_params
-    node.Node.start_api_server = no_api_server
-    try:
-        yield
-    finally:
-        parameter.RayParams.__init__ = orig_params
-        node.Node.start_api_server = orig_api
-
-
-def connect(address: str | None) -> bool:
-    """Initialise Ray; returns True if this call started a local cluster (to shut it down after)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if address is None:
-        with _lean_head_node():
-            ray.init(  # "local": a new embedded cluster even if RAY_ADDRESS or a running one is found
-                address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                _node_ip_address="127.0.0.1", configure_logging=False,
-                # Ray runs workers at nice 15 by default; here they are the merge itself, and at
-                # 15 they lost the CPU to everything else, the driver's helper threads included
-                # (measured: an actor took 18 s to start beside them).
-                _system_config={"worker_niceness": 0},
-            )
-        return True
-    if address != "auto":
-        _probe(address)
-    try:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
-    return False
-
-
-def shutdown_embedded() -> None:
-    """Stop the embedded cluster this process started, and wait for its processes to exit.
-
-    ``ray.shutdown`` stops the processes one by one, each with SIGTERM and up to 1 s of grace
-    before SIGKILL. The autoscaler monitor does not exit on SIGTERM within that second (measured
-    here: ``ray.shutdown`` 1.4 s, 1.0 s of it waiting on the monitor). :func:`_lean_head_node`
-    normally keeps it from starting; should it run anyway, it gets SIGKILL first (an embedded
-    cluster has nothing for it to scale). ``ray.shutdown`` then stops the rest (raylet and its
-    workers, GCS, dashboard) as usual.
-    """
-    import ray
-
-    try:
-        from ray._private import worker as ray_worker
-        from ray._private.ray_constants import PROCESS_TYPE_MONITOR
-
-        node = ray_worker._global_node
-        for info in node.all_processes.get(PROCESS_TYPE_MONITOR, []) if node is not None else []:
-            if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(5)
-    except Exception:  # noqa: BLE001 - Ray's internals moved: ray.shutdown still stops it, only slower
-        pass
-    ray.shutdown()
-
-
-def cluster_workers(requested: int | None) -> tuple[int, dict[str, float], str]:
-    """(number of actors, resources per actor, device) from the cluster's resources."""
-    import ray
-
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    if gpus:
-        return max(1, requested or gpus), {"num_gpus": 1, "num_cpus": 1}, "cuda"
-    return max(1, requested or int(res.get("CPU", 1))), {"num_cpus": 1}, "cpu"
-
-
-def _auto_shard_size(config: Any, workers_hint: int, **kw: Any) -> int:
-    """Enough shards for every worker to stay busy, each holding whole layers, at most 5 GB."""
+def _auto_shard_size(config: Any, options: MergeOptions) -> int:
+    """Enough shards for every worker to stay busy (AUTO_SHARDS_PER_WORKER each), whole layers."""
     from mergeserve.merge.api import plan_merge
+    from mergeserve.merge.options import NO_SHARDING, auto_shard_size
 
-    _, _, probe = plan_merge(config, out_shard_size=10**15, **kw)
-    return max(1, min(5_000_000_000, probe.bytes_written // max(1, workers_hint * AUTO_SHARDS_PER_WORKER)))
+    _, _, probe = plan_merge(config, options, out_shard_size=NO_SHARDING)
+    return auto_shard_size(probe.bytes_written, (options.workers or os.cpu_count() or 1) * AUTO_SHARDS_PER_WORKER)
 
 
-def merge_distributed(
-    config: Any,
-    out_dir: str | Path,
-    *,
-    address: str | None = None,
-    workers: int | None = None,
-    resume: bool = False,
-    device: str = "cpu",
-    out_shard_size: str | int | None = "auto",
-    overwrite: bool = False,
-    progress: bool = True,
-    **plan_kw: Any,
-) -> "MergeResult":
-    """Merge on Ray. ``plan_kw``: out_dtype, models_dir, allow_pickle, seed (see merge.api.merge)."""
+def merge_distributed(config: Any, out_dir: str | Path, options: MergeOptions | None = None, **changes: Any) -> MergeResult:
+    """Merge on Ray, following ``options`` or its fields given as keywords (see
+    :class:`~mergeserve.merge.options.MergeOptions`); ``out_shard_size`` defaults to AUTO here."""
+    from mergeserve.cluster.pool import check_worker_count
+    from mergeserve.merge.options import MergeOptions
+
     t0 = time.perf_counter()
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers: must be at least 1, got {workers}")
-    # Plan on a helper thread while Ray starts on this one. (Not the other way round: Ray ties
-    # its GCS and raylet to the starting thread with PR_SET_PDEATHSIG, so a Ray started on a
-    # short-lived thread dies with that thread.) With an embedded Ray, the planning thread then
-    # starts merging parts itself until the actors are up (see cluster.work).
-    box: dict[str, Any] = {}
-    embedded = threading.Event()
-    decided = threading.Event()
-
-    def _prepare():
-        try:
-            box["prep"] = _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overwrite, plan_kw)
-            decided.wait()
-            if embedded.is_set() and device == "cpu":
-                prep = box["prep"]
-                prep["work"].start_helpers(prep["plan"], str(prep["stage"].path))
-        except BaseException as e:  # noqa: BLE001 - re-raised on this thread
-            box["err"] = e
-
-    planner = threading.Thread(target=_prepare, name="mergeserve-plan", daemon=True)
-    planner.start()
-    own, actors, work = False, [], None
+    o = MergeOptions.of(options, **changes)
+    check_worker_count(o.workers)
+    prep = _Preparation(config, out_dir, o)
+    handed = False
     try:
         import ray
 
-        if address is None and not ray.is_initialized():
-            embedded.set()
-        decided.set()
-        own = connect(address)
-        # Start the actors now: their imports overlap the rest of the planning.
-        n, resources, dev = cluster_workers(workers)
-        from mergeserve.cluster.actors import MergeWorker
+        prep.decide(helpers=o.address is None and not ray.is_initialized() and o.device == "cpu")
+        with ray_session(o.address):
+            from mergeserve.cluster.actors import MergeWorker
+            from mergeserve.cluster.pool import WorkerPool
 
-        actors = [MergeWorker.options(max_restarts=-1, max_task_retries=3, **resources).remote(dev) for _ in range(n)]
-        planner.join()
-        if "err" in box:
-            raise box["err"]
-        work = box["prep"]["work"]
-        return _run(box["prep"], actors, progress, t0)
+            pool = WorkerPool.for_cluster(MergeWorker, o.workers)  # their start-up overlaps the rest of the planning
+            try:
+                run = prep.result()
+                handed = True  # from here _run commits, keeps or discards the staging directory
+                return _run(run, pool, o.progress, t0)
+            finally:
+                prep.stop()
+                pool.shutdown()
     finally:
-        decided.set()
-        planner.join()
-        work = work or box.get("prep", {}).get("work")
-        if work is not None:
-            work.stop_helpers(wait=True)
-        import ray
-
-        for a in actors:
-            ray.kill(a)
-        if own:
-            shutdown_embedded()
+        prep.stop()
+        if not handed:  # failed before the first tensor (e.g. an unreachable --address): leave nothing
+            prep.abandon()
 
 
-def _prepare_run(config, out_dir, workers, resume, device, out_shard_size, overwrite, plan_kw) -> dict:
+@dataclass
+class _Run:
+    """What the merge needs once planned: see :func:`_prepare_run`."""
+
+    cfg: Any
+    text: str
+    plan: Any
+    stage: Any
+    done: dict  # shard index -> ShardResult reused from an interrupted run
+    work: Any  # the PartQueue
+
+
+class _Preparation:
+    """Plans on a helper thread while Ray starts on the caller's.
+
+    (Not the other way round: Ray ties its GCS and raylet to the starting thread with
+    PR_SET_PDEATHSIG, so a Ray started on a short-lived thread dies with that thread.) Told to by
+    :meth:`decide` (an embedded Ray), the planning thread then starts the driver's helpers,
+    which merge parts until the actors are up (see cluster.work).
+    """
+
+    def __init__(self, *args: Any):
+        self._decided = threading.Event()
+        self._helpers = False
+        self._run: _Run | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._prepare, args=args, name="mergeserve-plan", daemon=True)
+        self._thread.start()
+
+    def _prepare(self, *args: Any) -> None:
+        try:
+            self._run = _prepare_run(*args)
+            self._decided.wait()
+            if self._helpers:
+                self._run.work.start_helpers(self._run.plan, str(self._run.stage.path))
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._error = e
+
+    def decide(self, helpers: bool) -> None:
+        if not self._decided.is_set():
+            self._helpers = helpers
+            self._decided.set()
+
+    def result(self) -> _Run:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._run is not None
+        return self._run
+
+    def abandon(self) -> None:
+        """Remove what planning created (see :func:`_abandon`), once it has stopped."""
+        if self._run is not None:
+            _abandon(self._run.stage)
+
+    def stop(self) -> None:
+        """Wait for the planning thread, then for the helpers' parts in progress."""
+        self.decide(False)
+        self._thread.join()
+        if self._run is not None:
+            self._run.work.stop_helpers(wait=True)
+
+
+def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> _Run:
     """Everything before the first tensor: plan, staging directory, resume check, parts, shard files."""
     from mergeserve.cluster.parts import prepare_shard, split_parts
     from mergeserve.cluster.resume import load_done_shards, write_run_state
     from mergeserve.cluster.work import PartQueue
-    from mergeserve.merge.api import _check_device, plan_merge
+    from mergeserve.merge.api import check_device, plan_merge, protected_inputs
+    from mergeserve.merge.options import AUTO
     from mergeserve.merge.reader import fingerprint
     from mergeserve.merge.writer import StagingDir
 
-    size = out_shard_size
-    if size in (None, "auto"):
-        size = _auto_shard_size(config, workers or os.cpu_count() or 1, **plan_kw)
-    cfg, text, plan = plan_merge(config, out_shard_size=size, **plan_kw)
-    if device != "cpu":
-        _check_device(device)
-    stage = StagingDir(out_dir, overwrite=overwrite or resume, resume=resume)
-    inputs = {m.ref: fingerprint(m.path) for m in plan.models}
-    done = load_done_shards(stage.path, plan, inputs) if resume else {}
-    if not resume:
-        write_run_state(stage.path, plan, inputs)
-    todo = [s for s in plan.shards if s.index not in done]
-    for s in todo:
-        prepare_shard(stage.path, s)
-    parts = split_parts(todo, max(workers or 0, os.cpu_count() or 1))
-    return {"cfg": cfg, "text": text, "plan": plan, "stage": stage, "done": done, "work": PartQueue(parts), "resume": resume}
+    if o.out_shard_size in (None, AUTO):
+        o = replace(o, out_shard_size=_auto_shard_size(config, o))
+    cfg, text, plan = plan_merge(config, o)
+    if o.device != "cpu":
+        check_device(o.device)
+    stage = StagingDir(out_dir, overwrite=o.overwrite or o.resume, resume=o.resume, protect=protected_inputs(plan, o.models_dir))
+    try:
+        inputs = {m.ref: fingerprint(m.path) for m in plan.models}
+        done = load_done_shards(stage.path, plan, inputs) if o.resume else {}
+        if not o.resume:
+            write_run_state(stage.path, plan, inputs)
+        todo = [s for s in plan.shards if s.index not in done]
+        for s in todo:
+            prepare_shard(stage.path, s)
+        parts = split_parts(todo, max(o.workers or 0, os.cpu_count() or 1))
+    except BaseException:
+        _abandon(stage)
+        raise
+    return _Run(cfg, text, plan, stage, done, PartQueue(parts))
 
 
-def _run(prep, actors, progress, t0):
-    from mergeserve.merge.api import MergeResult, _progress
+def _abandon(stage) -> None:
+    """A run that failed before its first tensor: nothing of it stays (an interrupted run being
+    resumed stays as it was, for the next --resume)."""
+    if stage.resuming:
+        stage.release()
+    else:
+        stage.discard()
+
+
+def _run(run: _Run, pool: WorkerPool, progress: bool, t0: float) -> MergeResult:
+    from mergeserve.cluster.resume import clear_run_state
+    from mergeserve.merge.api import MergeResult, progress_bar
     from mergeserve.merge.execute import peak_rss_bytes
     from mergeserve.merge.outputs import write_metadata
 
-    plan, stage, done, work = prep["plan"], prep["stage"], prep["done"], prep["work"]
-    results = list(done.values())
+    plan, stage, work = run.plan, run.stage, run.work
+    results = list(run.done.values())
     parts = []
     keep_partial = True
     try:
-        with _progress(plan, progress) as bar:
+        with progress_bar(plan, progress) as bar:
             bar.update(sum(r.bytes_written for r in results))
             if work.parts:
-                shard_results, parts = _dispatch(plan, work, actors, str(stage.path), bar)
+                shard_results, parts = _dispatch(plan, work, pool, str(stage.path), bar)
                 results += shard_results
-        write_metadata(stage.path, prep["cfg"], prep["text"], plan, results, seconds=time.perf_counter() - t0)
-        for s in plan.shards:  # resume records are not part of the checkpoint
-            (stage.path / f".{s.filename}.done.json").unlink(missing_ok=True)
-        (stage.path / ".mergeserve-run.json").unlink(missing_ok=True)
+        write_metadata(stage.path, run.cfg, run.text, plan, results, seconds=time.perf_counter() - t0)
+        clear_run_state(stage.path, plan)
         out = stage.commit()
     except (InputError, ConfigError, ResourceError):
         keep_partial = False
@@ -303,21 +223,22 @@ def _run(prep, actors, progress, t0):
             workers_rss[r.worker] = max(workers_rss.get(r.worker, 0), r.peak_rss)
     local = [r for r in parts if r.worker == "driver"]
     return MergeResult(
-        out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), workers_rss, len(done),
+        out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), workers_rss, len(run.done),
         driver_parts=len(local), driver_bytes=sum(r.part.bytes_written for r in local), parts=len(parts),
     )
 
 
-def _dispatch(plan, work, actors, out_dir: str, bar) -> tuple[list, list]:
-    """Run the parts on the actors (each one part at a time) and, until the actors are ready, on
-    the driver's helper threads; returns (ShardResults, PartResults).
+def _dispatch(plan, work, pool: WorkerPool, out_dir: str, bar) -> tuple[list, list]:
+    """Run the parts on the pool's actors (each one part at a time) and, until the actors are
+    ready, on the driver's helper threads; returns (ShardResults, PartResults).
 
-    Each part's shard is tracked so that any failure names it. Ray retries a task whose actor
-    died (``max_task_retries``) on the restarted actor; what still fails is raised here.
+    Each part's shard is named in any failure. Ray retries a task whose actor died on the
+    restarted actor (see cluster.pool); what still fails is raised here.
     """
     import ray
 
     from mergeserve.cluster.parts import ShardAssembler
+    from mergeserve.cluster.pool import map_ray_error
 
     asm = ShardAssembler(plan, work.parts, out_dir)
     plan_ref = ray.put(plan)
@@ -325,70 +246,34 @@ def _dispatch(plan, work, actors, out_dir: str, bar) -> tuple[list, list]:
     # queued behind an actor's start-up is one the helpers could have done). Otherwise every actor
     # gets its first part at once, so that parts spread over the cluster's nodes from the start.
     if work.helpers_busy:
-        starting, idle = {a.ready.remote(): a for a in actors}, []
-    else:
-        starting, idle = {}, list(actors)
-    running, parts = {}, []
+        pool.hold_until_ready()
+    parts = []
 
     def finished(res) -> None:
         parts.append(res)
         bar.update(res.part.bytes_written)
         asm.add(res)
 
+    def label(part) -> str:
+        return f"shard {plan.shards[part.shard].filename}"
+
     while not asm.done:
-        while True:  # parts the driver's helpers finished
-            try:
-                part, res = work.events.get_nowait()
-            except queue.Empty:
-                break
+        for part, res in work.finished():  # parts the driver's helpers finished
             if isinstance(res, BaseException):
-                raise _map_ray_error(res, plan.shards[part.shard].filename) from None
+                raise map_ray_error(res, label(part)) from None
             finished(res)
         if asm.done:
             break
-        while idle and (part := work.take()) is not None:
-            actor = idle.pop()
-            running[actor.run_part.remote(plan_ref, part, out_dir)] = (actor, part)
-        refs = list(running) + list(starting)
-        if not refs:
+        while pool.idle and (part := work.take()) is not None:
+            pool.submit("run_part", (plan_ref, part, out_dir), part, label(part))
+        if not pool.busy:
             if not work.helpers_busy and work.events.empty():
                 raise ResourceError("merge stalled: no merge worker is running and parts are left")
             time.sleep(0.02)
             continue
-        ready, _ = ray.wait(refs, num_returns=1, timeout=0.02 if work.helpers_busy else None)
-        for ref in ready:
-            if ref in starting:
-                actor = starting.pop(ref)
-                try:
-                    ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - mapped to our error types
-                    raise _map_ray_error(e, "(none yet: the merge worker failed to start)") from None
-                idle.append(actor)
-                if not starting:
-                    work.stop_helpers()  # every actor is up: they take the remaining parts
-                continue
-            actor, part = running.pop(ref)
-            try:
-                res = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - mapped to our error types
-                raise _map_ray_error(e, plan.shards[part.shard].filename) from None
-            finished(res)
-            idle.append(actor)
+        got = pool.next(timeout=0.02 if work.helpers_busy else None)
+        if not pool.starting:
+            work.stop_helpers()  # every actor is up: they take the remaining parts
+        if got is not None:
+            finished(got[1])
     return asm.results, parts
-
-
-def _map_ray_error(e: Exception, shard: str) -> MergeServeError:
-    """Ray wraps task failures: unwrap ours; name the shard for out-of-memory and lost workers."""
-    import ray.exceptions as rex
-
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, MergeServeError):
-        return cause
-    if isinstance(e, MergeServeError):
-        return e
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, rex.OutOfMemoryError):
-        return ResourceError(f"shard {shard}: a merge worker ran out of memory ({msg})")
-    if isinstance(e, (rex.RayActorError, rex.WorkerCrashedError)):
-        return ResourceError(f"shard {shard}: the merge worker died and retries were exhausted ({msg})")
-    return ResourceError(f"shard {shard}: merge failed ({msg})")

@@ -13,18 +13,17 @@ rewrites the same bytes: every tensor is a deterministic function of the plan.
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
-from mergeserve.merge.execute import ShardResult, SourceCache, TensorRecord, compute_tensor, peak_rss_bytes
+from mergeserve.cluster.resume import write_done_record
+from mergeserve.merge.execute import SourceCache, peak_rss_bytes
+from mergeserve.merge.executor import Executor, ShardResult, TensorRecord, tensor_records
 from mergeserve.merge.plan import MergePlan, ShardTask
-from mergeserve.merge.writer import ShardLayout, SlotWriter, create_sized
+from mergeserve.merge.writer import ShardLayout, SlotWriter, create_sized, tmp_path
 
 PARTS_PER_WORKER = 16
 MIN_PART_BYTES = 32 << 20
@@ -49,19 +48,6 @@ class PartResult:
     worker: str
 
 
-def result_path(out_dir: str | Path, filename: str) -> Path:
-    """Where a finished shard's record (tensor names, shapes, sha256) is kept for --resume."""
-    return Path(out_dir) / f".{filename}.done.json"
-
-
-def tmp_path(out_dir: str | Path, filename: str) -> Path:
-    return Path(out_dir) / f"{filename}.tmp"
-
-
-def layout_of(shard: ShardTask) -> ShardLayout:
-    return ShardLayout([e for t in shard.tensors for e in t.outputs()])
-
-
 def split_parts(shards: Sequence[ShardTask], workers: int) -> list[Part]:
     """Cut shards into parts of about ``total / (workers * PARTS_PER_WORKER)`` bytes (whole tensors,
     at least MIN_PART_BYTES unless a shard is smaller), in plan order."""
@@ -80,7 +66,7 @@ def split_parts(shards: Sequence[ShardTask], workers: int) -> list[Part]:
 
 def prepare_shard(out_dir: str | Path, shard: ShardTask) -> None:
     """Create the shard's ``.tmp`` file (header, full size) for parts to fill in."""
-    create_sized(tmp_path(out_dir, shard.filename), layout_of(shard))
+    create_sized(tmp_path(Path(out_dir) / shard.filename), ShardLayout(shard.outputs()))
 
 
 def run_part(
@@ -93,64 +79,20 @@ def run_part(
     done so far (``result.part.stop`` is then smaller than ``part.stop``) and the caller hands the
     rest to someone else.
     """
-    from mergeserve.merge.execute import oom_names, tune_malloc
-
     t0 = time.perf_counter()
-    tune_malloc()
     shard = plan.shards[part.shard]
     tasks = shard.tensors[part.start : part.stop]
-    slots = layout_of(shard).tensors
     first = sum(len(t.outputs()) for t in shard.tensors[: part.start])
-    entries = [e for t in tasks for e in t.outputs()]
-    writer = SlotWriter(tmp_path(out_dir, shard.filename), slots[first : first + len(entries)])
-    done = 0
-    try:
-        with single_threaded_ops():
-            for task in tasks:
-                with oom_names(shard.filename, task.name):
-                    outs = compute_tensor(task, plan.method, sources, device)
-                for name, t in outs:
-                    writer.write(name, t)
-                del outs
-                done += 1
-                if should_stop is not None and done < len(tasks) and should_stop():
-                    break
-        hashes = writer.close(partial=True)
-    except BaseException:
-        writer.abort()
-        raise
+    count = sum(len(t.outputs()) for t in tasks)
+    slots = ShardLayout(shard.outputs()).tensors[first : first + count]
+    writer = SlotWriter(tmp_path(Path(out_dir) / shard.filename), slots)
+    done, (hashes,) = Executor(sources, device).run(
+        [plan.method], [(t,) for t in tasks], [writer], label=shard.filename, should_stop=should_stop
+    )
     if done < len(tasks):
         part = Part(part.shard, part.start, part.start + done, sum(t.bytes_out for t in tasks[:done]))
-        entries = [e for t in tasks[:done] for e in t.outputs()]
-    records = tuple(TensorRecord(n, tuple(s), d, hashes[n]) for n, d, s in entries)
+    records = tensor_records([e for t in tasks[:done] for e in t.outputs()], hashes)
     return PartResult(part, records, time.perf_counter() - t0, peak_rss_bytes(), worker)
-
-
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_before = 1
-
-
-@contextmanager
-def single_threaded_ops():
-    """One intra-op thread per torch call (see merge.execute.deterministic_threads) while any
-    caller in this process is inside; safe when several threads (the driver's helpers) enter and
-    leave at different times, which a plain save/restore is not."""
-    global _threads_users, _threads_before
-    import torch
-
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_before = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads_users += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0:
-                torch.set_num_threads(_threads_before)
 
 
 class ShardAssembler:
@@ -178,17 +120,13 @@ class ShardAssembler:
         shard = self.plan.shards[p.shard]
         got = sorted(self._got.pop(p.shard), key=lambda r: r.part.start)
         final = self.out_dir / shard.filename
-        os.replace(tmp_path(self.out_dir, shard.filename), final)
+        os.replace(tmp_path(final), final)
         workers = sorted({r.worker for r in got})
         result = ShardResult(
             shard.index, shard.filename, tuple(t for r in got for t in r.tensors), shard.bytes_read, shard.bytes_written,
             sum(r.seconds for r in got), max(r.peak_rss for r in got), ",".join(workers),
         )
-        # The record is written after the shard's rename: a record on disk implies a complete shard.
-        rec = result_path(self.out_dir, shard.filename)
-        tmp = rec.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(result)))
-        os.replace(tmp, rec)
+        write_done_record(self.out_dir, result)
         self.results.append(result)
         return result
 

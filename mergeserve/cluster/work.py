@@ -3,10 +3,10 @@
 With an embedded Ray (no ``--address``), ``ray.init`` and the actors' start-up (each imports
 torch) take seconds on a small machine. The driver has planned and imported the engine by then,
 so helper threads in the driver merge parts from the same queue meanwhile; once every actor is
-ready the helpers stop at the next tensor and the actors do the rest. (The helpers run at normal
-priority: on a machine shared with other work, a lower-priority helper starved and its tensor in
-progress became the tail of the whole merge, measured here.) Results of both kinds reach the
-dispatcher (on the main thread) as events, so shard completion and errors are handled in one place.
+ready the helpers stop at the next tensor and the actors do the rest. The helpers run at normal
+priority: a lower-priority helper starves on a machine shared with other work, and its tensor in
+progress becomes the tail of the whole merge. Results of both kinds reach the dispatcher (on the
+main thread) as events, so shard completion and errors are handled in one place.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import os
 import queue
 import threading
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from mergeserve.cluster.parts import Part, PartResult, run_part
 
@@ -30,6 +31,14 @@ class PartQueue:
         self._local_open = True
         self._helpers: list[threading.Thread] = []
         self.events: queue.Queue = queue.Queue()  # (Part, PartResult | BaseException) from helpers
+
+    def finished(self) -> Iterator[tuple[Part, PartResult | BaseException]]:
+        """The helpers' results (or errors) that arrived since the last call."""
+        while True:
+            try:
+                yield self.events.get_nowait()
+            except queue.Empty:
+                return
 
     def take(self) -> Part | None:
         with self._lock:
@@ -52,7 +61,7 @@ class PartQueue:
         """Merge parts on ``threads`` driver threads (default: one per CPU) until :meth:`stop_helpers`."""
         from mergeserve.merge.execute import SourceCache
 
-        sources = SourceCache(plan.models)
+        sources = SourceCache(plan)
         left = [threads or os.cpu_count() or 1]
 
         def helper() -> None:
@@ -65,8 +74,8 @@ class PartQueue:
                     except BaseException as e:  # noqa: BLE001 - handed to the dispatcher
                         res = e
                     if isinstance(res, PartResult) and res.part.stop < part.stop:
-                        # Stopped between tensors: the actors are up and take the rest (at our
-                        # lower priority the rest of the part would otherwise be the merge's tail).
+                        # Stopped between tensors: the actors are up and take the rest (one helper
+                        # thread finishing the part beside busy actors would be the merge's tail).
                         self._give_back(Part(part.shard, res.part.stop, part.stop, part.bytes_written - res.part.bytes_written))
                     self.events.put((part, res))
                     if isinstance(res, BaseException):

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -115,7 +115,7 @@ def score_model(model: torch.nn.Module, texts: list[TokenizedText], batch_size: 
         by_len: dict[int, list[tuple[int, ...]]] = {}
         for w in text.windows:  # equal-length windows share a batch: no padding, no masks
             by_len.setdefault(len(w), []).append(w)
-        for length, ws in by_len.items():
+        for ws in by_len.values():
             for i in range(0, len(ws), batch_size):
                 ids = torch.tensor([(text.bos_id, *w) for w in ws[i : i + batch_size]], device=device)
                 logits = model(input_ids=ids).logits.float()

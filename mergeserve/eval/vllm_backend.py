@@ -15,7 +15,9 @@ from pathlib import Path
 from mergeserve.eval.perplexity import TextScore, TokenizedText
 
 
-def score_checkpoint_vllm(model_dir: str | Path, texts: list[TokenizedText], device: str = "cpu", max_model_len: int | None = None) -> dict[str, TextScore]:
+def score_checkpoint_vllm(
+    model_dir: str | Path, texts: list[TokenizedText], device: str = "cpu", max_model_len: int | None = None
+) -> dict[str, TextScore]:
     """Score a checkpoint directory with a vLLM engine started for the purpose (and shut down)."""
     if device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -28,8 +28,10 @@ DEFAULT_REQUESTS = 100
 DURATION_POOL = 256  # prompts generated for a duration-bounded run (cycled)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
+    """A load test's validated options (see :func:`make_options`)."""
+
     url: str
     models: list[str]
     points: list[LoadPoint]
@@ -78,6 +80,32 @@ def make_options(url, models, *, api_key=None, concurrency=None, rate=None, pois
     if len(set(models)) != len(models):
         problems.append(f"--model: names repeat: {models}")
     concs, rates = _as_list(concurrency), _as_list(rate)
+    problems += _load_problems(concs, rates, poisson, burstiness, requests, duration)
+    problems += _request_problems(input_len, output_len, warmup, timeout, api)
+    tokenizers = _tokenizers(models, tokenizer, problems)
+    if prompts_file is not None and not Path(prompts_file).is_file():
+        problems.append(f"--prompts {prompts_file}: no such file")
+    try:
+        slo = parse_slo(slo)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        slo = None
+    if problems:
+        raise ConfigError.from_problems(problems, "loadtest")
+    if requests is None and duration is None:
+        requests = DEFAULT_REQUESTS
+    return Options(
+        url=url, models=models, points=_points(concs, rates), requests=requests,
+        duration=None if duration is None else float(duration), poisson=bool(poisson), burstiness=float(burstiness),
+        input_len=input_len, output_len=output_len, prompts_file=None if prompts_file is None else str(prompts_file),
+        tokenizers=tokenizers, api=api, ignore_eos=bool(ignore_eos), warmup=warmup, seed=int(seed), slo=slo,
+        timeout=float(timeout), api_key=api_key,
+    )
+
+
+def _load_problems(concs: list, rates: list, poisson, burstiness, requests, duration) -> list[str]:
+    """What is wrong with the load: concurrency, rate, arrivals, and how long a run lasts."""
+    problems = []
     for c in concs:
         if not isinstance(c, int) or isinstance(c, bool) or c < 1:
             problems.append(f"--concurrency: expected positive integers, got {c!r}")
@@ -100,6 +128,12 @@ def make_options(url, models, *, api_key=None, concurrency=None, rate=None, pois
         problems.append(f"--requests: expected a positive integer, got {requests!r}")
     if duration is not None and not (isinstance(duration, (int, float)) and 0 < duration < math.inf):
         problems.append(f"--duration: expected positive seconds, got {duration!r}")
+    return problems
+
+
+def _request_problems(input_len, output_len, warmup, timeout, api) -> list[str]:
+    """What is wrong with each request: lengths, warm-up count, timeout, endpoint."""
+    problems = []
     for name, v, lo in (("--input-len", input_len, 1), ("--output-len", output_len, 1), ("--warmup", warmup, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             problems.append(f"{name}: expected an integer >= {lo}, got {v!r}")
@@ -107,26 +141,15 @@ def make_options(url, models, *, api_key=None, concurrency=None, rate=None, pois
         problems.append(f"--timeout: expected positive seconds, got {timeout!r}")
     if api not in ("completions", "chat"):
         problems.append(f"--api: expected completions or chat, got {api!r}")
-    tokenizers = _tokenizers(models, tokenizer, problems)
-    if prompts_file is not None and not Path(prompts_file).is_file():
-        problems.append(f"--prompts {prompts_file}: no such file")
-    try:
-        slo = parse_slo(slo)
-    except ConfigError as e:
-        problems.extend(e.problems)
-        slo = None
-    if problems:
-        raise ConfigError.from_problems(problems, "loadtest")
+    return problems
+
+
+def _points(concs: list, rates: list) -> list[LoadPoint]:
+    """The load points: one per rate (a single concurrency caps them all), else one per concurrency."""
     if rates:
         cap = concs[0] if concs else None
-        points = [LoadPoint("rate", float(r), cap) for r in rates]
-    else:
-        points = [LoadPoint("concurrency", c) for c in (concs or [DEFAULT_CONCURRENCY])]
-    if requests is None and duration is None:
-        requests = DEFAULT_REQUESTS
-    return Options(url, models, points, requests, None if duration is None else float(duration), bool(poisson),
-                   float(burstiness), input_len, output_len, None if prompts_file is None else str(prompts_file),
-                   tokenizers, api, bool(ignore_eos), warmup, int(seed), slo, float(timeout), api_key)
+        return [LoadPoint("rate", float(r), cap) for r in rates]
+    return [LoadPoint("concurrency", c) for c in (concs or [DEFAULT_CONCURRENCY])]
 
 
 def _tokenizers(models: list[str], tokenizer, problems: list[str]) -> dict[str, str | None]:

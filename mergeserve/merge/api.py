@@ -5,6 +5,7 @@ Example::
     from mergeserve.merge.api import merge, validate
     validate("configs/tiny/marcoro14-slerp.yaml")           # raises ConfigError / InputError
     result = merge("configs/tiny/marcoro14-slerp.yaml", "out/merged", out_shard_size="1B")
+    # or: merge(..., MergeOptions(out_shard_size="1B", seed=1))
     print(result.summary())
 
 Everything the recipe and the inputs can get wrong is checked (config schema, methods and
@@ -15,7 +16,6 @@ first tensor is merged; the checkpoint then appears atomically at ``out_dir``.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,28 +23,13 @@ from typing import Any
 
 from mergeserve.errors import ConfigError
 from mergeserve.merge.config import MergeConfig, load_config, parse_config
-from mergeserve.merge.execute import ShardResult, SourceCache, peak_rss_bytes, run_shard
+from mergeserve.merge.execute import SourceCache, peak_rss_bytes
+from mergeserve.merge.executor import ShardResult, run_shard
+from mergeserve.merge.options import MergeOptions, parse_size
 from mergeserve.merge.outputs import check_tokenizer, write_metadata
-from mergeserve.merge.plan import DEFAULT_SHARD_SIZE, MergePlan, build_plan
+from mergeserve.merge.plan import MergePlan, build_plan
+from mergeserve.merge.untrusted import model_bound
 from mergeserve.merge.writer import StagingDir
-
-
-def parse_size(value: str | int | None) -> int:
-    """'5B', '500M', '1.5G', '2GiB' or an int -> bytes (mergekit's K/M/B convention, B = 1e9)."""
-    if value is None:
-        return DEFAULT_SHARD_SIZE
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbBtT]?)(i?[bB])?\s*", str(value))
-    if not m:
-        raise ConfigError(f"--out-shard-size: cannot parse {value!r} (e.g. 5B, 500M, 2000000000)")
-    mult = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}[m[2].lower()]
-    if m[3] and m[3].lower() == "ib":
-        mult = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "b": 2**30, "t": 2**40}[m[2].lower()]
-    size = int(float(m[1]) * mult)
-    if size <= 0:
-        raise ConfigError(f"--out-shard-size: must be positive, got {value!r}")
-    return size
 
 
 def _as_config(config: str | Path | MergeConfig | dict) -> tuple[MergeConfig, str]:
@@ -56,18 +41,27 @@ def _as_config(config: str | Path | MergeConfig | dict) -> tuple[MergeConfig, st
     return load_config(config)
 
 
-def plan_merge(config: str | Path | MergeConfig | dict, **kwargs: Any) -> tuple[MergeConfig, str, MergePlan]:
-    """Validate the recipe against its inputs and return (config, recipe text, plan)."""
+def plan_merge(
+    config: str | Path | MergeConfig | dict, options: MergeOptions | None = None, **changes: Any
+) -> tuple[MergeConfig, str, MergePlan]:
+    """Validate the recipe against its inputs and return (config, recipe text, plan).
+
+    The plan follows ``options`` (or its fields given as keywords): ``out_shard_size``,
+    ``out_dtype``, ``models_dir``, ``allow_pickle``, ``seed``.
+    """
+    o = MergeOptions.of(options, **changes)
     cfg, text = _as_config(config)
-    size = kwargs.pop("out_shard_size", None)
-    plan = build_plan(cfg, shard_size=parse_size(size), **kwargs)
+    plan = build_plan(
+        cfg, models_dir=o.models_dir, out_dtype=o.out_dtype, shard_size=parse_size(o.out_shard_size), seed=o.seed,
+        allow_pickle=o.allow_pickle,
+    )
     check_tokenizer(cfg, plan)
     return cfg, text, plan
 
 
-def validate(config: str | Path | MergeConfig | dict, **kwargs: Any) -> MergePlan:
+def validate(config: str | Path | MergeConfig | dict, options: MergeOptions | None = None, **changes: Any) -> MergePlan:
     """Run every check ``merge`` runs before its first tensor; returns the plan."""
-    return plan_merge(config, **kwargs)[2]
+    return plan_merge(config, options, **changes)[2]
 
 
 @dataclass
@@ -107,7 +101,8 @@ class MergeResult:
         return "\n".join(lines)
 
 
-def _progress(plan: MergePlan, enabled: bool):
+def progress_bar(plan: MergePlan, enabled: bool):
+    """A bar over the bytes the plan writes (update it with each tensor's or part's bytes)."""
     from tqdm import tqdm
 
     return tqdm(
@@ -117,34 +112,24 @@ def _progress(plan: MergePlan, enabled: bool):
 
 
 def merge(
-    config: str | Path | MergeConfig | dict,
-    out_dir: str | Path,
-    *,
-    device: str = "cpu",
-    out_shard_size: str | int | None = None,
-    out_dtype: str | None = None,
-    overwrite: bool = False,
-    models_dir: str | Path | None = None,
-    allow_pickle: bool = False,
-    seed: int = 0,
-    progress: bool = True,
+    config: str | Path | MergeConfig | dict, out_dir: str | Path, options: MergeOptions | None = None, **changes: Any
 ) -> MergeResult:
-    """Merge in this process (no Ray). See :func:`mergeserve.cluster.driver.merge_distributed`."""
+    """Merge in this process (no Ray), following ``options`` or its fields given as keywords (see
+    :class:`~mergeserve.merge.options.MergeOptions`; ``address``, ``workers`` and ``resume`` are
+    for :func:`mergeserve.cluster.driver.merge_distributed`)."""
     t0 = time.perf_counter()
-    cfg, text, plan = plan_merge(
-        config, out_shard_size=out_shard_size, out_dtype=out_dtype, models_dir=models_dir,
-        allow_pickle=allow_pickle, seed=seed,
-    )
-    _check_device(device)
-    threads = (os.cpu_count() or 1) if device == "cpu" else 2
-    stage = StagingDir(out_dir, overwrite=overwrite)
-    sources = SourceCache(plan.models, allow_pickle=allow_pickle)
+    o = MergeOptions.of(options, **changes)
+    cfg, text, plan = plan_merge(config, o)
+    check_device(o.device)
+    threads = (os.cpu_count() or 1) if o.device == "cpu" else 2
+    stage = StagingDir(out_dir, overwrite=o.overwrite, protect=protected_inputs(plan, o.models_dir))
+    sources = SourceCache(plan)
     results: list[ShardResult] = []
     try:
-        with _progress(plan, progress) as bar:
+        with progress_bar(plan, o.progress) as bar:
             for shard in plan.shards:
                 results.append(
-                    run_shard(plan, shard, stage.path, sources=sources, device=device, on_tensor=bar.update, threads=threads)
+                    run_shard(plan, shard, stage.path, sources=sources, device=o.device, on_tensor=bar.update, threads=threads)
                 )
         write_metadata(stage.path, cfg, text, plan, results, seconds=time.perf_counter() - t0)
         out = stage.commit()
@@ -156,7 +141,14 @@ def merge(
     return MergeResult(out, plan, results, time.perf_counter() - t0, peak_rss_bytes())
 
 
-def _check_device(device: str) -> None:
+def protected_inputs(plan: MergePlan, models_dir: str | Path | None) -> list[Path]:
+    """What an output must stay clear of (see :class:`StagingDir`): each input model's folder (a
+    snapshot's whole Hugging Face cache repository) and ``--models-dir``."""
+    return [model_bound(m.path) for m in plan.models] + ([Path(models_dir)] if models_dir else [])
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any work."""
     if device == "cpu":
         return
     import torch

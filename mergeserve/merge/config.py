@@ -5,20 +5,21 @@ The YAML a user pastes from a model card (``slices`` / ``models``, ``merge_metho
 ``tokenizer_source`` / ``tokenizer``, ``chat_template``) parses into :class:`MergeConfig`.
 Structural problems are collected by pydantic; :func:`load_config` turns them all into ONE
 :class:`~mergeserve.errors.ConfigError` whose message names every field. Semantic checks that
-need the method registry or the input models' ``config.json`` live in :mod:`.validate`.
+need the method registry or the input models' files are the planner's (:mod:`mergeserve.merge.plan`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from mergeserve.errors import ConfigError
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 # A gradient: K values interpolated over the layers of a slice (numbers), or picked (bools/strings).
 Gradient = list[Scalar]
 
@@ -38,7 +39,7 @@ class FilteredValue(_Strict):
     """One item of a filter list: applies ``value`` to tensors whose name contains ``filter``."""
 
     filter: str | None = Field(None, description="Substring of the output tensor name; None or '*' matches all")
-    value: Union[Scalar, Gradient] = Field(description="A scalar or a gradient (list of values)")
+    value: Scalar | Gradient = Field(description="A scalar or a gradient (list of values)")
 
     @field_validator("value")
     @classmethod
@@ -49,7 +50,7 @@ class FilteredValue(_Strict):
 
 
 # A parameter setting: scalar, gradient, one filtered value, or a list of filtered values.
-ParameterSetting = Union[Scalar, Gradient, FilteredValue, list[FilteredValue]]
+ParameterSetting = Scalar | Gradient | FilteredValue | list[FilteredValue]
 
 
 def _check_settings(params: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -118,7 +119,7 @@ class OutputSlice(_Strict):
     _params = field_validator("parameters")(classmethod(lambda cls, v: _check_settings(v)))
 
     @model_validator(mode="after")
-    def _same_length(self) -> "OutputSlice":
+    def _same_length(self) -> OutputSlice:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
             ranges = ", ".join(f"{s.model}: {list(s.layer_range)}" for s in self.sources)
@@ -135,7 +136,7 @@ class ModelTokenSource(_Strict):
     token: str | None = Field(None, description="Token whose row is taken, in that model's vocabulary")
 
     @model_validator(mode="after")
-    def _one(self) -> "ModelTokenSource":
+    def _one(self) -> ModelTokenSource:
         if (self.token_id is None) == (self.token is None):
             raise ValueError("give exactly one of token_id or token")
         return self
@@ -152,8 +153,7 @@ def _source_tag(value: Any) -> str:
 
 # Dispatched on `kind`, so a mistake is reported against the kind the user meant, not every branch.
 TokenSource = Annotated[
-    Union[Annotated[ModelTokenSource, Tag("ModelTokenSource")], Annotated[ZeroSource, Tag("ZeroSource")],
-          Annotated[ModelRef, Tag("ModelRef")]],
+    Annotated[ModelTokenSource, Tag("ModelTokenSource")] | Annotated[ZeroSource, Tag("ZeroSource")] | Annotated[ModelRef, Tag("ModelRef")],
     Discriminator(_source_tag),
 ]
 
@@ -164,7 +164,7 @@ class TokenEmbedding(_Strict):
 
 
 class TokenizerSettings(_Strict):
-    source: Union[Literal["union", "base"], ModelRef] = Field("union", description="'base', 'union' or a model")
+    source: Literal["union", "base"] | ModelRef = Field("union", description="'base', 'union' or a model")
     tokens: dict[str, TokenEmbedding] | None = Field(None, description="Extra tokens and their embeddings")
     pad_to_multiple_of: int | None = Field(None, ge=1, description="Pad the vocabulary size")
 
@@ -179,7 +179,7 @@ class MergeConfig(_Strict):
     parameters: dict[str, ParameterSetting] | None = Field(None, description="Top-level parameters")
     dtype: str | None = Field(None, description="Inputs are cast to this dtype when loaded")
     out_dtype: str | None = Field(None, description="The output is cast to this dtype when saved")
-    tokenizer_source: Union[Literal["union", "base"], ModelRef, None] = Field(None, description="Tokenizer to write")
+    tokenizer_source: Literal["union", "base"] | ModelRef | None = Field(None, description="Tokenizer to write")
     tokenizer: TokenizerSettings | None = Field(None, description="Tokenizer settings (instead of tokenizer_source)")
     chat_template: str | None = Field(None, description="'auto', a built-in template name, or Jinja text")
     name: str | None = Field(None, description="Accepted for compatibility (mergekit-moe / LazyMergekit)")
@@ -196,7 +196,7 @@ class MergeConfig(_Strict):
         return DTYPE_ALIASES[v]
 
     @model_validator(mode="after")
-    def _shape(self) -> "MergeConfig":
+    def _shape(self) -> MergeConfig:
         if (self.slices is None) == (self.models is None):
             raise ValueError("exactly one of 'models' or 'slices' must be given")
         if self.models is not None and not self.models:
@@ -265,15 +265,116 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         raise ConfigError.from_problems(_errors_to_problems(err), source) from None
 
 
-def load_config(path: str | Path) -> tuple[MergeConfig, str]:
-    """Read and validate a recipe file; returns the config and its original text."""
+# A recipe is a few KB (a long inline chat template, tens of KB). The node budget counts every node
+# as often as aliases repeat it: a few anchors in a real recipe stay far below it, while the
+# 810-byte "billion laughs" (nine aliases of nine aliases...) would expand to 9^9 nodes.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def read_text_file(path: str | Path, what: str = "recipe") -> str:
+    """A UTF-8 text file of at most MAX_RECIPE_BYTES; ConfigError naming the file otherwise."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
-        raise ConfigError(f"{p}: cannot read recipe: {e.strerror or e}") from None
+        raise ConfigError(f"{p}: cannot read {what}: {e.strerror or e}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{p}: {what} larger than {MAX_RECIPE_BYTES:,} bytes")
     try:
-        data = yaml.safe_load(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: {what} is not valid UTF-8 (byte {e.start})") from None
+
+
+def _expanded_size(root: yaml.Node, source: str) -> int:
+    """Nodes in the document once every alias is expanded (memoised: linear in the distinct
+    nodes); ConfigError past MAX_YAML_NODES or for a recursive alias."""
+    size: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in size:
+            continue
+        kids = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = node.value
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        if children_done:
+            active.discard(key)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            if size[key] > MAX_YAML_NODES:
+                raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} nodes (aliases repeat too much)")
+            continue
+        if key in active:
+            raise ConfigError(f"{source}: a YAML alias refers to a node that contains it")
+        active.add(key)
+        stack.append((node, True))
+        for k in kids:
+            if id(k) in active:
+                raise ConfigError(f"{source}: a YAML alias refers to a node that contains it")
+            stack.append((k, False))
+    return size[id(root)]
+
+
+@contextmanager
+def _yaml_errors(source: str):
+    """YAML syntax errors and runaway nesting as one ConfigError naming ``source``."""
+    try:
+        yield
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_config(data, str(p)), text
+        raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply") from None
+
+
+def _check_length(text: str, source: str) -> None:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_RECIPE_BYTES:,} characters")
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with a budget: at most MAX_RECIPE_BYTES of text and MAX_YAML_NODES nodes
+    after alias expansion, checked on the composed node graph before any Python object is built."""
+    _check_length(text, source)
+    loader = yaml.SafeLoader(text)
+    try:
+        with _yaml_errors(source):
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _expanded_size(node, source)
+            return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def load_yaml_all(text: str, source: str) -> list[Any]:
+    """Every non-empty document of ``text`` (a mergekit-multi recipe has several), with
+    :func:`load_yaml`'s budget for all of them together."""
+    _check_length(text, source)
+    loader = yaml.SafeLoader(text)
+    docs, nodes = [], 0
+    try:
+        with _yaml_errors(source):
+            while loader.check_node():
+                node = loader.get_node()
+                nodes += _expanded_size(node, source)
+                if nodes > MAX_YAML_NODES:
+                    raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} nodes (aliases repeat too much)")
+                doc = loader.construct_document(node)
+                if doc is not None:
+                    docs.append(doc)
+    finally:
+        loader.dispose()
+    return docs
+
+
+def load_config(path: str | Path) -> tuple[MergeConfig, str]:
+    """Read and validate a recipe file; returns the config and its original text."""
+    text = read_text_file(path)
+    return parse_config(load_yaml(text, str(path)), str(path)), text

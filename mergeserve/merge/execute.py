@@ -1,56 +1,32 @@
-"""Executing shard tasks: read sources lazily, merge, optionally quantize, stream to disk.
+"""The math of one output tensor position: read its sources, merge, check, quantize or cast.
 
-This is the one place tensors are computed. The single-process path (:func:`run_plan_local`) and
-the Ray actors (``mergeserve.cluster``) both call :func:`run_shard`, so their outputs are equal
-bit for bit. Memory is bounded by one output tensor and its inputs: sources are mmap views of the
-page cache, and each merged tensor is written and dropped before the next is computed.
+Every merged tensor is computed by :func:`compute_position`, called by the one loop that runs
+positions and writes them (:class:`~mergeserve.merge.executor.Executor`). A *position* is one
+output tensor of a plan, given as one :class:`TensorTask` per variant (one for a plain merge,
+several for a sweep batch), all with the same sources: the sources are read and cast once for
+every variant. Sources are mmap views of the page cache, dropped from this process's mapping once
+merged, so memory is bounded by the tensors in flight.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import os
 import resource
 import sys
 import threading
-import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from mergeserve.errors import InputError, ResourceError
 from mergeserve.merge.methods.registry import get_method
-from mergeserve.merge.plan import MergePlan, ModelInput, ShardTask, TensorTask
+from mergeserve.merge.plan import MergePlan, ModelInput, TensorTask
 from mergeserve.merge.quantize import FP8_BLOCK, quantize_fp8_block
 from mergeserve.merge.reader import ST_DTYPES, ModelFiles
-from mergeserve.merge.writer import ShardWriter
 
-
-@dataclass(frozen=True)
-class TensorRecord:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    sha256: str
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    index: int
-    filename: str
-    tensors: tuple[TensorRecord, ...]
-    bytes_read: int
-    bytes_written: int
-    seconds: float
-    peak_rss: int  # bytes, of the process that ran it
-    worker: str = "local"
-
+Outputs = list[tuple[str, torch.Tensor]]  # (name, tensor) of one task: two for FP8 (weight, scale)
 
 _MALLOC_TUNED = False
 
@@ -59,10 +35,10 @@ def tune_malloc() -> None:
     """Keep large temporaries on glibc's heap instead of fresh mmaps (once per process).
 
     By default glibc serves every allocation over ~128 KB-32 MB with its own mmap and returns it
-    with munmap, so each float32 chunk of a merge costs page faults and zeroing in the kernel:
-    measured here, that made slerp 2-4x slower (half its time in sys). Raising the mmap and trim
-    thresholds lets freed chunks be reused. Peak memory is unchanged: it is still bounded by the
-    largest tensor's temporaries, which are now kept for reuse rather than returned.
+    with munmap, so each float32 chunk of a merge costs page faults and zeroing in the kernel.
+    Raising the mmap and trim thresholds lets freed chunks be reused. Peak memory is unchanged: it
+    is still bounded by the largest tensor's temporaries, which are now kept for reuse rather
+    than returned.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED or not sys.platform.startswith("linux"):
@@ -82,11 +58,15 @@ def peak_rss_bytes() -> int:
 
 
 class SourceCache:
-    """Open :class:`ModelFiles` per model, reused across shards in one process."""
+    """Open :class:`ModelFiles` of a plan's input models, reused across shards in one process.
 
-    def __init__(self, models: Sequence[ModelInput], allow_pickle: bool = False):
-        self.models = models
-        self.allow_pickle = allow_pickle
+    Built from the plan, so that every reader honours how the planner read the inputs
+    (``allow_pickle``).
+    """
+
+    def __init__(self, plan: MergePlan):
+        self.models: Sequence[ModelInput] = plan.models
+        self.allow_pickle = plan.allow_pickle
         self._files: dict[int, ModelFiles] = {}
         self._lock = threading.Lock()
 
@@ -98,6 +78,10 @@ class SourceCache:
                 f = self._files[i] = ModelFiles(m.path, allow_pickle=self.allow_pickle, label=m.ref)
             return f
 
+    def serves(self, plan: MergePlan) -> bool:
+        """Whether this cache reads ``plan``'s inputs as ``plan`` says to."""
+        return self.models == plan.models and self.allow_pickle == plan.allow_pickle
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
@@ -106,7 +90,7 @@ class SourceCache:
 
 def load_inputs(task: TensorTask, sources: SourceCache, device: str = "cpu", dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """The task's source tensors, shape-checked and cast to its compute dtype on ``device``."""
-    dtype = dtype or ST_DTYPES[task.compute_dtype][0]
+    dtype = dtype or ST_DTYPES[task.compute_dtype].torch
     xf = task.transform
     inputs = []
     for k, (m, name) in enumerate(task.sources):
@@ -132,7 +116,7 @@ def task_generator(task: TensorTask, device: str = "cpu") -> torch.Generator | N
     return gen
 
 
-def finish_tensor(task: TensorTask, out: torch.Tensor, inputs: Sequence[torch.Tensor], sources: SourceCache) -> list[tuple[str, torch.Tensor]]:
+def finish_tensor(task: TensorTask, out: torch.Tensor, inputs: Sequence[torch.Tensor], sources: SourceCache) -> Outputs:
     """Check a merged tensor for NaN/Inf, then quantize or cast it: [(name, tensor)] on CPU."""
     # NaN/Inf anywhere make the sum non-finite; the sum is ~100x cheaper than isfinite().all(),
     # which only runs, to find the culprit, when the sum is not finite.
@@ -144,18 +128,36 @@ def finish_tensor(task: TensorTask, out: torch.Tensor, inputs: Sequence[torch.Te
     if task.quantize == FP8_BLOCK:
         q, s = quantize_fp8_block(out)
         return [(task.name, q.cpu()), (task.scale_name, s.cpu())]
-    return [(task.name, out.to(dtype=ST_DTYPES[task.out_dtype][0]).cpu())]
+    return [(task.name, out.to(dtype=ST_DTYPES[task.out_dtype].torch).cpu())]
 
 
-def compute_tensor(task: TensorTask, method: str, sources: SourceCache, device: str = "cpu") -> list[tuple[str, torch.Tensor]]:
-    """Merge one output tensor; returns [(name, tensor)] (two entries for FP8: weight + scale)."""
-    inputs = load_inputs(task, sources, device)
-    out = get_method(method)(inputs, task.base_index, generator=task_generator(task, device), **task_params(task))
-    result = finish_tensor(task, out, inputs, sources)
-    del inputs, out
-    for m, name in task.sources:
+def compute_position(
+    tasks: Sequence[TensorTask], methods: Sequence[str], sources: SourceCache, device: str = "cpu"
+) -> list[Outputs]:
+    """One output tensor position for every variant: ``tasks[i]`` (same sources) under ``methods[i]``.
+
+    Sources are read once and cast once per compute dtype; variants with the same method and
+    base are computed together by the method's ``many`` form (a single variant: a plain call).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (task, method) in enumerate(zip(tasks, methods)):
+        groups.setdefault((method, task.base_index, task.compute_dtype), []).append(i)
+    cast: dict[str, list[torch.Tensor]] = {}
+    results: list[Outputs] = [[] for _ in tasks]
+    for (method, base_index, dtype), idx in groups.items():
+        if dtype not in cast:
+            cast[dtype] = load_inputs(tasks[idx[0]], sources, device, ST_DTYPES[dtype].torch)
+        inputs = cast[dtype]
+        outs = get_method(method).call_many(
+            inputs, base_index, [task_params(tasks[i]) for i in idx], [task_generator(tasks[i], device) for i in idx]
+        )
+        for i, out in zip(idx, outs):
+            results[i] = finish_tensor(tasks[i], out, inputs, sources)
+        del outs
+    del cast
+    for m, name in tasks[0].sources:
         sources[m].release(name)
-    return result
+    return results
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -178,84 +180,37 @@ def oom_names(shard: str, tensor: str):
         raise
 
 
-def in_order(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int, emit: Callable[[object, Future], None]) -> None:
-    """``fn(item)`` on ``pool``, at most ``window`` in flight, each handed to ``emit(item, future)``
-    in the order of ``items`` (so outputs are written in plan order while later ones compute)."""
-    pending: deque[tuple[object, Future]] = deque()
-    try:
-        for item in items:
-            pending.append((item, pool.submit(fn, item)))
-            if len(pending) >= max(1, window):
-                emit(*pending.popleft())
-        while pending:
-            emit(*pending.popleft())
-    finally:
-        for _, f in pending:
-            f.cancel()
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_before = 1
 
 
 @contextmanager
 def deterministic_threads():
-    """One intra-op thread per torch call while merging, restored afterwards.
+    """One intra-op thread per torch call while any caller in this process is inside.
 
     A reduction's result (a slerp dot product, a norm, a sum of magnitudes) depends on how it is
     split between threads. With one thread per op, a tensor's bits are the same whether it is
     merged in this process, in a one-CPU Ray actor or on another node of the same CPU kind;
     parallelism comes from merging several tensors (or shards) at once instead.
+
+    torch keeps the setting per thread, and a new thread takes the process-wide value when it
+    first computes; so every entering thread pins its own, the process-wide value stays at one
+    while any caller is inside (threads a pool starts meanwhile compute with one), and the old
+    value returns when the last caller leaves (several threads, e.g. the driver's helpers, may
+    enter and leave at different times).
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    global _threads_users, _threads_before
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_before = torch.get_num_threads()
+        if _threads_users == 0 or torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        _threads_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
-
-
-def run_shard(
-    plan: MergePlan,
-    shard: ShardTask,
-    out_dir: str | Path,
-    *,
-    sources: SourceCache | None = None,
-    device: str = "cpu",
-    on_tensor: Callable[[int], None] | None = None,
-    worker: str = "local",
-    threads: int = 1,
-) -> ShardResult:
-    """Compute every tensor of ``shard`` and write ``out_dir/shard.filename`` (via a .tmp file).
-
-    ``threads`` tensors are merged at once (each single-threaded) and written in plan order.
-    """
-    t0 = time.perf_counter()
-    tune_malloc()
-    own = sources is None
-    sources = sources or SourceCache(plan.models)
-    final = Path(out_dir) / shard.filename
-    tmp = final.with_name(final.name + ".tmp")
-    entries = [e for t in shard.tensors for e in t.outputs()]
-    writer = ShardWriter(tmp, entries)
-
-    def emit(task: TensorTask, future: Future) -> None:
-        with oom_names(shard.filename, task.name):
-            outs = future.result()
-        for name, t in outs:
-            writer.write(name, t)
-        if on_tensor:
-            on_tensor(task.bytes_out)
-
-    try:
-        with deterministic_threads(), ThreadPoolExecutor(max(1, threads), thread_name_prefix="merge") as pool:
-            in_order(pool, lambda task: compute_tensor(task, plan.method, sources, device), shard.tensors, threads, emit)
-        hashes = writer.close()
-        os.replace(tmp, final)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if own:
-            sources.close()
-    records = tuple(TensorRecord(n, tuple(s), d, hashes[n]) for n, d, s in entries)
-    return ShardResult(
-        shard.index, shard.filename, records, shard.bytes_read, shard.bytes_written,
-        time.perf_counter() - t0, peak_rss_bytes(), worker,
-    )
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_before)

@@ -30,7 +30,6 @@ than silently dropped, as are adapter kinds whose merge is not plain LoRA (DoRA 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ from pathlib import Path
 import torch
 
 from mergeserve.errors import InputError
-from mergeserve.merge.reader import TensorInfo, read_header
+from mergeserve.merge.reader import MAX_CONFIG_BYTES, TensorInfo, read_header
+from mergeserve.merge.untrusted import model_file, parse_json, read_capped
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -112,25 +112,27 @@ class _Adapter:
 
 
 def _load(adapter_dir: Path, allow_pickle: bool, label: str) -> _Adapter:
-    cfg_path = adapter_dir / ADAPTER_CONFIG
-    try:
-        config = json.loads(cfg_path.read_text())
-    except OSError:
-        raise InputError(f"adapter {label}: missing {cfg_path}") from None
-    except ValueError:
-        raise InputError(f"{cfg_path}: not valid JSON") from None
-    st, pk = adapter_dir / ADAPTER_SAFETENSORS, adapter_dir / ADAPTER_PICKLE
-    if st.exists():
-        header: dict[str, TensorInfo] = read_header(st)
+    """The adapter's config and its weights' header; every file resolved inside ``adapter_dir``
+    (:func:`~.untrusted.model_file`), as a model's files are."""
+    cfg_path = model_file(adapter_dir, ADAPTER_CONFIG)
+    if cfg_path is None:
+        raise InputError(f"adapter {label}: missing {adapter_dir / ADAPTER_CONFIG}")
+    config = parse_json(read_capped(cfg_path, MAX_CONFIG_BYTES), str(adapter_dir / ADAPTER_CONFIG), strict=False)
+    if not isinstance(config, dict):
+        raise InputError(f"{adapter_dir / ADAPTER_CONFIG}: must be a JSON object, got {type(config).__name__}")
+    st = model_file(adapter_dir, ADAPTER_SAFETENSORS)
+    if st is not None:
+        header: dict[str, TensorInfo] = read_header(st, adapter_dir / ADAPTER_SAFETENSORS)
         return _Adapter(adapter_dir, st, config, {k: (i.shape, i.dtype) for k, i in header.items()})
-    if not pk.exists():
+    pk = model_file(adapter_dir, ADAPTER_PICKLE)
+    if pk is None:
         raise InputError(f"adapter {label}: neither {ADAPTER_SAFETENSORS} nor {ADAPTER_PICKLE} in {adapter_dir}")
     if not allow_pickle:
-        raise InputError(f"{pk}: pickle adapter weights are refused unless --allow-pickle is given")
+        raise InputError(f"{adapter_dir / ADAPTER_PICKLE}: pickle adapter weights are refused unless --allow-pickle is given")
     try:
         sd = _pickled(str(pk))
     except Exception as e:  # noqa: BLE001 - any failure means a corrupt file
-        raise InputError(f"{pk}: cannot load pickle adapter weights: {e}") from None
+        raise InputError(f"{adapter_dir / ADAPTER_PICKLE}: cannot load pickle adapter weights: {e}") from None
     return _Adapter(adapter_dir, pk, config, {k: (tuple(v.shape), str(v.dtype)) for k, v in sd.items()})
 
 

@@ -2,7 +2,9 @@
 
 :func:`check_tokenizer` runs before any tensor is merged (a bad ``tokenizer_source`` or
 ``chat_template`` fails early); :func:`write_metadata` runs after the shards are written and
-before the staging directory is committed.
+before the staging directory is committed. Files are taken from the input models only when
+they resolve inside them (:func:`~mergeserve.merge.untrusted.model_file`): a ``tokenizer.json``
+linking to a private key is refused, not copied into the checkpoint.
 """
 
 from __future__ import annotations
@@ -10,21 +12,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mergeserve import __version__
-from mergeserve.errors import ConfigError
+from mergeserve.errors import ConfigError, InputError
 from mergeserve.merge.config import MergeConfig
-from mergeserve.merge.execute import ShardResult
+from mergeserve.merge.executor import ShardResult
 from mergeserve.merge.plan import MergePlan
 from mergeserve.merge.reader import fingerprint
-from mergeserve.merge.vocab import build_tokenizer
+from mergeserve.merge.untrusted import model_file
+from mergeserve.merge.vocab import TOKENIZER_FILES, build_tokenizer, load_tokenizer
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
 MANIFEST = "mergeserve_manifest.json"
 
 # Built-in chat templates, selectable by name as in mergekit (`chat_template: chatml`).
@@ -53,12 +52,16 @@ BUILTIN_TEMPLATES = {
 
 
 def _template_of(model_dir: Path) -> str | None:
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text().strip()
+    jinja = model_file(model_dir, "chat_template.jinja")
+    if jinja:
+        try:
+            return jinja.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise InputError(f"{model_dir / 'chat_template.jinja'}: not valid UTF-8") from None
+    tc = model_file(model_dir, "tokenizer_config.json")
     try:
-        tpl = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
-    except (OSError, ValueError):
+        tpl = json.loads(tc.read_bytes()).get("chat_template") if tc else None
+    except (OSError, ValueError, RecursionError, AttributeError):
         return None
     if isinstance(tpl, list):  # named templates
         tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
@@ -95,18 +98,16 @@ def write_tokenizer(out: Path, config: MergeConfig, plan: MergePlan) -> None:
     (:mod:`.vocab`), or the donor's reloaded, with the chat template set.
     """
     template = resolve_chat_template(config, plan)
+    donor = Path(plan.models[plan.donor].path)
     if plan.tokenizer is None and not config.chat_template:
-        donor = Path(plan.models[plan.donor].path)
         for name in TOKENIZER_FILES:
-            if (donor / name).exists():
-                shutil.copy(donor / name, out / name)
+            if src := model_file(donor, name):
+                shutil.copy(src, out / name)
         return
     if plan.tokenizer is not None:
         tok = build_tokenizer(plan.tokenizer).tokenizer
     else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(plan.models[plan.donor].path)
+        tok = load_tokenizer(str(donor))
     if template:
         tok.chat_template = template
     tok.save_pretrained(out)
@@ -128,9 +129,8 @@ def write_metadata(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
     )
     (out / "config.json").write_text(plan.out_config)
-    donor_dir = Path(plan.models[plan.donor].path)
-    if (donor_dir / "generation_config.json").exists():
-        shutil.copy(donor_dir / "generation_config.json", out / "generation_config.json")
+    if src := model_file(Path(plan.models[plan.donor].path), "generation_config.json"):
+        shutil.copy(src, out / "generation_config.json")
     write_tokenizer(out, config, plan)
     (out / "mergekit_config.yml").write_text(recipe_text)
     (out / "README.md").write_text(model_card(config, recipe_text, plan, out.name))

@@ -17,7 +17,8 @@ mergekit's rules (see shared notes, "Gradients" and "Filters"):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from mergeserve.merge.config import FilteredValue
 

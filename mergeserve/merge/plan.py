@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,15 @@ import torch
 from mergeserve.errors import ConfigError, InputError
 from mergeserve.merge.config import DTYPE_ALIASES, MergeConfig, ModelRef
 from mergeserve.merge.methods.registry import MethodSpec, get_method
+from mergeserve.merge.options import DEFAULT_SHARD_SIZE
 from mergeserve.merge.params import MISSING, resolve
-from mergeserve.merge.quantize import FP8_BLOCK, fp8_scale_shape, is_fp8_target
-from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles
+from mergeserve.merge.quantize import BLOCK, FP8_BLOCK, fp8_scale_shape, is_fp8_target
+from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles, TensorInfo, tensor_nbytes
 from mergeserve.merge.transforms import InputPlanner, InputTransform
 from mergeserve.merge.vocab import TokenizerPlan
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<idx>\d+)\.(?P<suffix>.+)$")
 OUT_DTYPES = ("float32", "float16", "bfloat16", "fp8")
-DEFAULT_SHARD_SIZE = 5_000_000_000
 
 
 @dataclass(frozen=True)
@@ -76,13 +76,7 @@ class TensorTask:
 
     @property
     def bytes_out(self) -> int:
-        total = 0
-        for _, dtype, shape in self.outputs():
-            n = ST_DTYPES[dtype][1]
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return sum(tensor_nbytes(dtype, shape) for _, dtype, shape in self.outputs())
 
 
 @dataclass(frozen=True)
@@ -96,6 +90,10 @@ class ShardTask:
     bytes_written: int
     layers: tuple[int, ...] = ()
 
+    def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype code, shape) of every tensor of the file, in file order."""
+        return [e for t in self.tensors for e in t.outputs()]
+
 
 @dataclass(frozen=True)
 class MergePlan:
@@ -108,8 +106,8 @@ class MergePlan:
     out_dtype: str
     seed: int
     fingerprint: str = ""  # hash of the recipe + plan, for --resume
+    allow_pickle: bool = False  # the inputs may be pickle checkpoints (--allow-pickle): every reader honours it
     tokenizer: TokenizerPlan | None = None  # set when the recipe builds the output tokenizer
-    meta: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def bytes_read(self) -> int:
@@ -175,6 +173,44 @@ def resolve_adapter(ref: ModelRef, models_dir: str | Path | None = None) -> Path
         raise InputError(f"model {str(ref)!r}: LoRA adapter {e.message.removeprefix('model ')}") from None
 
 
+def layer_prefix(names) -> str | None:
+    """The prefix of the layer tensors the planner walks: the first ``...layers.N.`` seen."""
+    return next((m["prefix"] for n in names if (m := LAYER_RE.match(n))), None)
+
+
+def check_model_config(cfg: dict, files: ModelFiles) -> int:
+    """The model's layer count, once its ``config.json`` agrees with its tensors: the fields the
+    planner reads have their types (``architectures`` a list of strings, ``model_type`` a string,
+    ``text_config`` an object), and ``num_hidden_layers`` (or ``text_config``'s), when given, is an
+    integer equal to the number of layers the tensors hold, numbered 0..N-1. InputError otherwise."""
+    where = f"{files.dir / 'config.json'}"
+    arch = cfg.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise InputError(f"{where}: architectures must be a list of strings, got {arch!r}")
+    if not isinstance(cfg.get("model_type", ""), str):
+        raise InputError(f"{where}: model_type must be a string, got {cfg['model_type']!r}")
+    text = cfg.get("text_config", {})
+    if not isinstance(text, dict):
+        raise InputError(f"{where}: text_config must be an object, got {type(text).__name__}")
+    if "num_hidden_layers" in cfg:
+        key, claimed = "num_hidden_layers", cfg["num_hidden_layers"]
+    else:
+        key, claimed = "text_config.num_hidden_layers", text.get("num_hidden_layers")
+    prefix = layer_prefix(files.tensors)
+    found = {int(m["idx"]) for k in files.tensors if (m := LAYER_RE.match(k)) and m["prefix"] == prefix}
+    count = max(found) + 1 if found else 0
+    if found != set(range(count)):
+        gaps = sorted(set(range(count)) - found)
+        raise InputError(f"model {files.label}: layer(s) {gaps[:5]} missing from the tensors ({prefix}0-{count - 1} otherwise present)")
+    if claimed is None:
+        return count
+    if type(claimed) is not int or claimed < 0:
+        raise InputError(f"{where}: {key} must be a non-negative integer, got {claimed!r}")
+    if claimed != count:
+        raise InputError(f"{where}: {key} is {claimed}, but the tensors hold {count} layers")
+    return count
+
+
 @dataclass
 class _Slice:
     sources: list[tuple[int, int, dict | None]]  # (model index, layer start, per-source params)
@@ -200,6 +236,7 @@ class Planner:
         self.spec: MethodSpec = get_method(config.merge_method)
         self.shard_size = shard_size
         self.seed = seed
+        self.allow_pickle = allow_pickle
         self.problems: list[str] = []
         self.out_dtype_arg = out_dtype or config.out_dtype
         if self.out_dtype_arg is not None and self.out_dtype_arg not in OUT_DTYPES and self.out_dtype_arg not in DTYPE_ALIASES:
@@ -212,18 +249,14 @@ class Planner:
         self._index = {m.ref: i for i, m in enumerate(self.models)}
         self.files = [ModelFiles(m.path, allow_pickle=allow_pickle, label=m.ref) for m in self.models]
         self.model_configs = [f.config() for f in self.files]
+        self.layer_counts = [check_model_config(c, f) for c, f in zip(self.model_configs, self.files, strict=True)]
         self.inputs = InputPlanner(
             config, self.models, self.files, self.model_configs, self.problems, allow_pickle=allow_pickle, models_dir=models_dir
         )
 
     # -- structure -------------------------------------------------------------------------
     def _num_layers(self, i: int) -> int:
-        cfg = self.model_configs[i]
-        n = cfg.get("num_hidden_layers", cfg.get("text_config", {}).get("num_hidden_layers"))
-        if n is None:
-            idx = [int(m["idx"]) for k in self.files[i].tensors if (m := LAYER_RE.match(k))]
-            n = max(idx) + 1 if idx else 0
-        return int(n)
+        return self.layer_counts[i]
 
     def _slices(self) -> list[_Slice]:
         c = self.config
@@ -296,63 +329,19 @@ class Planner:
 
     # -- the walk --------------------------------------------------------------------------
     def _task(self, sl: _Slice, out_name: str, src_names: list[str], t: float, layer: int | None) -> TensorTask | None:
+        """The task for one output tensor, or None (a problem noted, or an optional tensor absent)."""
         models = [s[0] for s in sl.sources]
-        infos = []
-        for mi, sname in zip(models, src_names):
-            f = self.files[mi]
-            if sname not in f:
-                infos.append(None)
-                continue
-            infos.append(f.info(sname))
-        present = [i for i in infos if i is not None]
-        if not present:
-            return None
-        if len(present) < len(infos):
-            if out_name.startswith("lm_head"):  # tied to the embeddings in some inputs: optional
-                return None
-            missing = [self.models[m].ref for m, i in zip(models, infos) if i is None]
-            self.problems.append(f"tensor {src_names[infos.index(None)]!r} is missing from {', '.join(missing)}")
+        present = self._source_infos(models, out_name, src_names)
+        if present is None:
             return None
         transform, new_shape = self.inputs.transform(models, src_names, [i.shape for i in present], sl.base, out_name, layer)
-        shapes = {i.shape[1:] if new_shape else i.shape for i in present}  # a remapped vocabulary may differ in rows
-        if len(shapes) > 1:
-            desc = ", ".join(f"{self.models[m].ref}: {list(i.shape)}" for m, i in zip(models, present))
-            self.problems.append(f"tensor {out_name!r}: shapes differ between models ({desc})")
+        if not self._same_shapes(models, out_name, present, rows_may_differ=new_shape is not None):
             return None
         base_index = models.index(sl.base) if sl.base is not None and sl.base in models else None
-        if self.spec.base == "required" and base_index is None:
-            self.problems.append(f"base_model: {self.spec.name} needs a base model among the sources")
+        if not self._method_accepts(len(models), base_index):
             return None
-        n = len(models)
-        if n < self.spec.min_models or (self.spec.max_models is not None and n > self.spec.max_models):
-            want = f"{self.spec.min_models}" + (f"-{self.spec.max_models}" if self.spec.max_models != self.spec.min_models else "")
-            self.problems.append(f"merge_method: {self.spec.name} takes {want} input models, got {n}")
-            return None
-        nb = self.spec.non_base_models
-        if nb is not None and n - (base_index is not None) != nb:
-            self.problems.append(f"merge_method: {self.spec.name} takes exactly {nb} non-base models, got {n - (base_index is not None)}")
-            return None
-        if self.config.dtype:
-            compute = _st_dtype(self.config.dtype)
-        else:
-            dt = present[0].torch_dtype
-            for i in present[1:]:
-                dt = torch.promote_types(dt, i.torch_dtype)
-            compute = TORCH_TO_ST[dt]
         shape = new_shape or present[0].shape
-        quant = None
-        od = self.out_dtype_arg
-        if od == "fp8":
-            if is_fp8_target(out_name, shape, layer):
-                quant, out = FP8_BLOCK, "F8_E4M3"
-            else:
-                out = "BF16"
-        elif od:
-            out = _st_dtype(od)
-        else:
-            out = compute
-        if not ST_DTYPES[compute][0].is_floating_point:
-            out, quant = compute, None
+        compute, out, quant = self._dtypes(out_name, present, shape, layer)
         seed = None
         if self.spec.random:
             seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{out_name}".encode()).digest()[:8], "little") >> 1
@@ -370,6 +359,73 @@ class Planner:
             transform=transform,
         )
 
+    def _source_infos(self, models: list[int], out_name: str, src_names: list[str]) -> list[TensorInfo] | None:
+        """Every source tensor's header; None if the tensor is absent everywhere, an optional one
+        (lm_head) is absent somewhere, or a problem was noted."""
+        infos = [self.files[mi].info(sname) if sname in self.files[mi] else None for mi, sname in zip(models, src_names)]
+        present = [i for i in infos if i is not None]
+        if not present:
+            return None
+        if len(present) < len(infos):
+            if out_name.startswith("lm_head"):  # tied to the embeddings in some inputs: optional
+                return None
+            missing = [self.models[m].ref for m, i in zip(models, infos) if i is None]
+            self.problems.append(f"tensor {src_names[infos.index(None)]!r} is missing from {', '.join(missing)}")
+            return None
+        return present
+
+    def _same_shapes(self, models: list[int], out_name: str, present: list[TensorInfo], rows_may_differ: bool) -> bool:
+        """Whether the sources have one shape (but for their rows when a vocabulary map
+        re-rows them); notes the problem if not."""
+        if len({i.shape[1:] if rows_may_differ else i.shape for i in present}) > 1:
+            desc = ", ".join(f"{self.models[m].ref}: {list(i.shape)}" for m, i in zip(models, present))
+            self.problems.append(f"tensor {out_name!r}: shapes differ between models ({desc})")
+            return False
+        return True
+
+    def _method_accepts(self, n: int, base_index: int | None) -> bool:
+        """Whether the method takes ``n`` inputs with this base; notes the problem if not."""
+        spec = self.spec
+        if spec.base == "required" and base_index is None:
+            self.problems.append(f"base_model: {spec.name} needs a base model among the sources")
+            return False
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            want = f"{spec.min_models}" + (f"-{spec.max_models}" if spec.max_models != spec.min_models else "")
+            self.problems.append(f"merge_method: {spec.name} takes {want} input models, got {n}")
+            return False
+        nb = spec.non_base_models
+        if nb is not None and n - (base_index is not None) != nb:
+            self.problems.append(f"merge_method: {spec.name} takes exactly {nb} non-base models, got {n - (base_index is not None)}")
+            return False
+        return True
+
+    def _dtypes(
+        self, out_name: str, present: list[TensorInfo], shape: tuple[int, ...], layer: int | None
+    ) -> tuple[str, str, str | None]:
+        """(compute dtype, stored dtype, quantization) codes: the recipe's dtype or the inputs'
+        promoted one for the math; out_dtype (FP8 for decoder linear weights) for storage."""
+        if self.config.dtype:
+            compute = _st_dtype(self.config.dtype)
+        else:
+            dt = present[0].torch_dtype
+            for i in present[1:]:
+                dt = torch.promote_types(dt, i.torch_dtype)
+            compute = TORCH_TO_ST[dt]
+        quant = None
+        od = self.out_dtype_arg
+        if od == "fp8":
+            if is_fp8_target(out_name, shape, layer):
+                quant, out = FP8_BLOCK, "F8_E4M3"
+            else:
+                out = "BF16"
+        elif od:
+            out = _st_dtype(od)
+        else:
+            out = compute
+        if not ST_DTYPES[compute].torch.is_floating_point:
+            out, quant = compute, None
+        return compute, out, quant
+
     def plan(self) -> MergePlan:
         self._check_models()
         slices = self._slices()
@@ -378,12 +434,11 @@ class Planner:
         donor = self._index[str(self.config.base_model)] if self.config.base_model else 0
         names = list(self.files[donor].tensors)
         layer_suffixes: list[str] = []
-        prefix = None
+        prefix = layer_prefix(names)
         pre, post = [], []
         for n in names:
             m = LAYER_RE.match(n)
             if m:
-                prefix = prefix or m["prefix"]
                 if m["suffix"] not in layer_suffixes:
                     layer_suffixes.append(m["suffix"])
             elif "embed" in n:
@@ -423,6 +478,7 @@ class Planner:
             out_dtype=str(out_dtype),
             seed=self.seed,
             fingerprint=fp,
+            allow_pickle=self.allow_pickle,
             tokenizer=self.inputs.tokenizer,
         )
 
@@ -444,7 +500,7 @@ class Planner:
             read = sum(self.files[m].info(n).nbytes for t in tasks for m, n in t.sources)
             name = "model.safetensors" if total == 1 else f"model-{k + 1:05d}-of-{total:05d}.safetensors"
             shards.append(
-                ShardTask(k, name, tasks, read, sum(t.bytes_out for t in tasks), tuple(l for l, ts in g if l is not None and ts))
+                ShardTask(k, name, tasks, read, sum(t.bytes_out for t in tasks), tuple(layer for layer, ts in g if layer is not None and ts))
             )
         return tuple(shards)
 
@@ -459,7 +515,7 @@ class Planner:
                 "quant_method": "fp8",
                 "fmt": "e4m3",
                 "activation_scheme": "dynamic",
-                "weight_block_size": [128, 128],
+                "weight_block_size": [BLOCK, BLOCK],
             }
             od = "bfloat16"
         if od:

@@ -23,14 +23,15 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mergeserve.errors import ConfigError, MergeServeError, ResumeError
 from mergeserve.merge.config import MergeConfig
+from mergeserve.merge.options import MergeOptions
 from mergeserve.merge.reader import fingerprint, read_header
-from mergeserve.merge.stages import FINAL, StageGraph, stage_config
+from mergeserve.merge.stages import FINAL, StageGraph, model_refs, stage_config
 from mergeserve.merge.writer import StagingDir
 
 StageRunner = Callable[[MergeConfig, Path], Any]  # merges one recipe into a new directory; returns its result
@@ -59,20 +60,25 @@ class StagesResult:
         return "\n".join(lines)
 
 
-def local_runner(*, device: str = "cpu", progress: bool = True, **plan_kw: Any) -> StageRunner:
-    """A runner merging in this process with :func:`mergeserve.merge.api.merge`.
-
-    ``plan_kw``: out_shard_size, out_dtype, models_dir, allow_pickle, seed. The runner also
-    carries ``check(config)`` (plan without merging) and ``options`` (for the resume record).
-    """
+def local_runner(options: MergeOptions) -> StageRunner:
+    """A runner merging in this process with :func:`mergeserve.merge.api.merge`, following
+    ``options``. The runner also carries ``check(config)`` (plan without merging) and ``options``
+    (for the resume record)."""
     from mergeserve.merge.api import merge, plan_merge
 
-    def run(config: MergeConfig, out_dir: Path):
-        return merge(config, out_dir, device=device, progress=progress, **plan_kw)
+    each = replace(options, overwrite=False, resume=False)  # each stage is a fresh directory
 
-    run.check = lambda config: plan_merge(config, **plan_kw)
-    run.options = repr(sorted(plan_kw.items()))
+    def run(config: MergeConfig, out_dir: Path):
+        return merge(config, out_dir, each)
+
+    run.check = lambda config: plan_merge(config, each)
+    run.options = _record_options(each)
     return run
+
+
+def _record_options(o: MergeOptions) -> str:
+    """What a finished stage's bytes depend on besides its recipe (part of its resume record)."""
+    return repr((o.out_shard_size, o.out_dtype, str(o.models_dir), o.allow_pickle, o.seed))
 
 
 def check_stages(graph: StageGraph, runner: StageRunner) -> None:
@@ -98,19 +104,13 @@ def check_stages(graph: StageGraph, runner: StageRunner) -> None:
         raise ConfigError.from_problems(problems, "recipe")
 
 
-def merge_stages(
-    graph: StageGraph,
-    out_dir: str | Path,
-    runner: StageRunner,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    keep_intermediates: bool = False,
-) -> StagesResult:
-    """Run every stage of ``graph`` with ``runner``; the final stage becomes ``out_dir``."""
+def merge_stages(graph: StageGraph, out_dir: str | Path, runner: StageRunner, options: MergeOptions) -> StagesResult:
+    """Run every stage of ``graph`` with ``runner``; the final stage becomes ``out_dir``.
+    ``options``: ``overwrite``, ``resume``, ``keep_intermediates``, ``models_dir``."""
     t0 = time.perf_counter()
     check_stages(graph, runner)
-    staging = StagingDir(out_dir, overwrite=overwrite or resume, resume=resume)
+    resume, keep_intermediates = options.resume, options.keep_intermediates
+    staging = StagingDir(out_dir, overwrite=options.overwrite or resume, resume=resume, protect=stage_inputs(graph, options.models_dir))
     stages_dir = staging.path / STAGES_DIR
     if resume and not stages_dir.is_dir():
         staging.discard()
@@ -144,15 +144,38 @@ def merge_stages(
     except MergeServeError as e:
         if e.exit_code == 2 or not any(stages_dir.glob(f"*/{STAGE_RECORD}")):
             staging.discard()  # bad input: nothing may be left behind
+        else:
+            staging.release()
         raise
     except BaseException:
         if any(stages_dir.glob(f"*/{STAGE_RECORD}")):
             print(f"mergeserve: finished stages kept in {stages_dir}; rerun with --resume to finish", file=sys.stderr)
+            staging.release()
         else:
             staging.discard()
         raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def stage_inputs(graph: StageGraph, models_dir: str | Path | None) -> list[Path]:
+    """The input models (and adapters) the stages read, and ``--models-dir``: what the output must
+    stay clear of (see :class:`~mergeserve.merge.writer.StagingDir`). A reference that does not
+    resolve is skipped here: planning its stage reports it."""
+    from mergeserve.merge.plan import resolve_model_path
+    from mergeserve.merge.untrusted import model_bound
+
+    names = {s.name for s in graph.stages}
+    out = [Path(models_dir)] if models_dir else []
+    for s in graph.stages:
+        for ref in model_refs(s.config):
+            for path in (ref.path, ref.lora):
+                if path and path not in names:
+                    try:
+                        out.append(model_bound(resolve_model_path(path, models_dir)))
+                    except MergeServeError:
+                        pass
+    return list(dict.fromkeys(out))
 
 
 def _finished(dest: Path, key: str) -> bool:

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mergeserve.errors import ConfigError
-from mergeserve.merge.config import MergeConfig, ModelRef, parse_config
+from mergeserve.merge.config import MergeConfig, ModelRef, load_yaml_all, parse_config, read_text_file
 
 FINAL = "(final)"  # display name of the unnamed document
 
@@ -56,22 +54,10 @@ class StageGraph:
         return "\n".join(lines)
 
 
-def is_multi_document(text: str) -> bool:
-    """True when the YAML text holds more than one document (a multi-stage recipe)."""
-    try:
-        return sum(1 for d in yaml.safe_load_all(text) if d is not None) > 1
-    except yaml.YAMLError:
-        return False  # the single-recipe loader reports the syntax error
-
-
 def load_stages(path: str | Path) -> StageGraph | None:
-    """The stage graph of a multi-document recipe file; None for a plain (one-document) recipe,
-    or an unreadable file (the single-recipe loader reports that)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    return parse_stages(text, str(path)) if is_multi_document(text) else None
+    """The stage graph of a multi-document recipe file; None for a plain (one-document) recipe."""
+    docs = load_yaml_all(read_text_file(path), str(path))
+    return graph_of(docs, str(path)) if len(docs) > 1 else None
 
 
 def model_refs(config: MergeConfig) -> list[ModelRef]:
@@ -89,10 +75,11 @@ def model_refs(config: MergeConfig) -> list[ModelRef]:
 
 def parse_stages(text: str, source: str = "recipe") -> StageGraph:
     """Parse and validate a multi-document recipe; one ConfigError lists every problem."""
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return graph_of(load_yaml_all(text, source), source)
+
+
+def graph_of(docs: list[Any], source: str = "recipe") -> StageGraph:
+    """Validate the documents of a multi-stage recipe; one ConfigError lists every problem."""
     problems: list[str] = []
     raw: dict[str, MergeConfig] = {}
     unnamed = 0

@@ -32,12 +32,21 @@ import json
 import tempfile
 from array import array
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergeserve.errors import InputError, UnsupportedError
+from mergeserve.merge.reader import CONFIG, MAX_CONFIG_BYTES
+from mergeserve.merge.untrusted import model_file, parse_json, read_capped
+
+# A model's tokenizer files: copied into a checkpoint as they are, or read by transformers.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+# What else AutoTokenizer may open in a model directory (other tokenizer classes' files).
+_OTHER_TOKENIZER_FILES = ("config.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
 @dataclass(frozen=True)
@@ -105,9 +114,14 @@ class VocabMap:
 # -- tokenizers -------------------------------------------------------------------------------
 
 
-def _load_tokenizer(path: str, required: bool = True):
+def load_tokenizer(path: str, required: bool = True):
+    """The tokenizer of the model at ``path``, loaded by transformers as mergekit does, once every
+    file it may read resolves inside the model (:func:`~.untrusted.model_file`: a tokenizer file
+    linking outside the model is refused, not read)."""
     from transformers import AutoTokenizer
 
+    for name in TOKENIZER_FILES + _OTHER_TOKENIZER_FILES:
+        model_file(path, name)
     try:
         return AutoTokenizer.from_pretrained(path, use_fast=True)
     except Exception as e:  # noqa: BLE001 - any failure: this directory has no usable tokenizer
@@ -118,12 +132,15 @@ def _load_tokenizer(path: str, required: bool = True):
 
 def config_vocab_size(path: str) -> int | None:
     """``vocab_size`` from a model's config.json (top level, else ``text_config``), or None."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+    f = model_file(path, CONFIG)
+    cfg = parse_json(read_capped(f, MAX_CONFIG_BYTES), str(f), strict=False) if f else None
+    if not isinstance(cfg, dict):
         return None
-    v = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
-    return int(v) if v is not None else None
+    text = cfg.get("text_config")
+    v = cfg.get("vocab_size", text.get("vocab_size") if isinstance(text, dict) else None)
+    if v is not None and (type(v) is not int or v < 0):
+        raise InputError(f"{f}: vocab_size must be a non-negative integer, got {v!r}")
+    return v
 
 
 def _strip_unused(tok, vocab_size: int | None, path: str):
@@ -193,11 +210,11 @@ class BuiltTokenizer:
 def build_tokenizer(tp: TokenizerPlan) -> BuiltTokenizer:
     """The output tokenizer and every model's token -> row permutation (mergekit's BuildTokenizer)."""
     sizes = [config_vocab_size(p) for p in tp.paths]
-    base = _strip_unused(_load_tokenizer(tp.paths[tp.base]), sizes[tp.base], tp.paths[tp.base])
+    base = _strip_unused(load_tokenizer(tp.paths[tp.base]), sizes[tp.base], tp.paths[tp.base])
     # A model whose tokenizer cannot be loaded is taken to share the base's (as mergekit does).
-    toks = [base if i == tp.base else _load_tokenizer(p, required=False) for i, p in enumerate(tp.paths)]
+    toks = [base if i == tp.base else load_tokenizer(p, required=False) for i, p in enumerate(tp.paths)]
     if tp.source == "model":
-        out = _load_tokenizer(tp.source_path)
+        out = load_tokenizer(tp.source_path)
     elif tp.source == "base":
         out = base
     else:

@@ -7,13 +7,15 @@ sha256 is computed on the way out (for the manifest and ``--resume``).
 
 :class:`StagingDir` makes the checkpoint appear atomically: everything is written under a hidden
 sibling ``.NAME.partial`` and renamed into place only when complete. A failed merge leaves
-nothing at the destination (the partial directory is removed, or kept for ``--resume``).
+nothing at the destination (the partial directory is removed, or kept for ``--resume``), and one
+output has one writer at a time (``.NAME.lock``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import mmap
@@ -21,14 +23,20 @@ import os
 import queue
 import shutil
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from mergeserve.errors import InputError, OutputExistsError, ResourceError
-from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST
+from mergeserve.merge.reader import TORCH_TO_ST, tensor_nbytes
+
+
+def tmp_path(path: str | Path) -> Path:
+    """Where a file is written before its atomic rename to ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -118,10 +126,10 @@ class ShardWriter(_QueuedWriter):
     def _store(self, slot: TensorSlot, data: memoryview, tensor: torch.Tensor) -> None:
         self._f.write(data)  # tensors arrive in file order
 
-    def close(self) -> dict[str, str]:
+    def close(self, partial: bool = False) -> dict[str, str]:
         """Wait for the queued tensors, close the file; returns {name: sha256}."""
         try:
-            self._finish()
+            self._finish(partial)
             # No fsync: durability is the page cache's job; atomicity comes from the rename of
             # the finished file (and of the whole directory), which is what readers depend on.
             self._f.flush()
@@ -174,9 +182,7 @@ class ShardLayout:
         offset = 0
         spans = []
         for name, dtype, shape in entries:
-            n = ST_DTYPES[dtype][1]
-            for d in shape:
-                n *= d
+            n = tensor_nbytes(dtype, shape)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
             spans.append((name, dtype, tuple(shape), offset, n))
             offset += n
@@ -218,15 +224,15 @@ class SlotWriter(_QueuedWriter):
 
     The 4 KiB-aligned interior of each tensor is written with ``O_DIRECT`` (through an aligned
     bounce buffer), the unaligned ends (and everything, where the filesystem refuses
-    ``O_DIRECT``, e.g. tmpfs) through the page cache. Measured here, a buffered write of 2.2 GB
-    costs about 4 CPU-seconds in the kernel (filling fresh page-cache pages) against 0.3-0.5 for
-    the same bytes written direct; on a 2-core machine that is a large share of a merge. Pages
-    shared by two tensors are only ever written buffered, so writers never mix the two paths on
+    ``O_DIRECT``, e.g. tmpfs) through the page cache: a buffered write costs the kernel several times
+    the CPU of a direct one (it fills fresh page-cache pages), a large share of a merge on a small
+    machine. Pages shared by two tensors are only ever written buffered, so writers never mix the two paths on
     one page.
     """
 
     def __init__(self, path: str | Path, slots: Sequence[TensorSlot], *, direct: bool = True):
         super().__init__(Path(path), slots)
+        self._owns_file = False
         try:
             self._fd = os.open(self.path, os.O_WRONLY)
         except OSError as e:
@@ -240,6 +246,20 @@ class SlotWriter(_QueuedWriter):
             except OSError:
                 self._dfd = None
         self._thread.start()
+
+    @classmethod
+    def whole_file(cls, path: str | Path, layout: ShardLayout) -> SlotWriter:
+        """A writer of every tensor of a new file of ``layout`` (:func:`create_sized`); :meth:`abort`
+        removes the file."""
+        path = Path(path)
+        create_sized(path, layout)
+        try:
+            writer = cls(path, layout.tensors)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        writer._owns_file = True
+        return writer
 
     def _write_direct(self, data: memoryview, src_addr: int, offset: int) -> None:
         """Write ``data`` (at address ``src_addr``) at ``offset``: aligned interior direct, ends buffered."""
@@ -290,36 +310,150 @@ class SlotWriter(_QueuedWriter):
         except BaseException:  # noqa: BLE001 - aborting anyway; the caller has the first error
             pass
         self._close_fds()
+        if self._owns_file:
+            self.path.unlink(missing_ok=True)
 
 
 class StagingDir:
-    """A hidden sibling directory that becomes ``dest`` atomically via :meth:`commit`."""
+    """A hidden sibling directory that becomes ``dest`` atomically via :meth:`commit`.
 
-    def __init__(self, dest: str | Path, *, overwrite: bool = False, resume: bool = False):
+    - ``protect``: inputs (model directories, ``--models-dir``, the recipe). An output that is,
+      contains or sits inside one is refused, ``--overwrite`` or not: replacing the output
+      deletes what was there.
+    - One writer per output: ``.NAME.lock`` beside the staging directory is held (``flock``)
+      from here to :meth:`commit`, :meth:`discard` or :meth:`release`; a second merge to the
+      same output is refused at once. The lock file is removed by its holder.
+    - ``--overwrite`` replaces a directory only: a file or symlink at ``dest`` is not a previous
+      output, and replacing it would delete something the user did not mean (refused).
+    - :meth:`discard` removes the staging directory and the parent directories this created.
+    """
+
+    def __init__(self, dest: str | Path, *, overwrite: bool = False, resume: bool = False, protect: Iterable[str | Path] = ()):
         self.dest = Path(dest).absolute()
         self.path = self.dest.parent / f".{self.dest.name}.partial"
-        if self.dest.exists() and not overwrite:
-            raise OutputExistsError(f"output directory {self.dest} already exists (pass --overwrite to replace it)")
+        self._old = self.dest.parent / f".{self.dest.name}.old"
+        self._lock_path = self.dest.parent / f".{self.dest.name}.lock"
+        self.overwrite = overwrite
+        self.resuming = False
+        self._lock_fd: int | None = None
+        _refuse_overlap(self.dest, [self.path, self._old], protect)
+        self._created = _missing_parents(self.dest.parent)
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock(self._lock_path, self.dest)
+            self._check_dest()  # after locking: a merge that finished meanwhile has committed
             if self.path.exists() and not resume:
-                shutil.rmtree(self.path)
+                _remove(self.path)
+            self.resuming = self.path.exists()  # an interrupted run's: kept when this one fails early
             self.path.mkdir(exist_ok=True)
-        except OSError as e:
-            raise InputError(f"output directory {self.dest}: cannot create: {e.strerror or e}") from None
+        except BaseException as e:
+            self.release()
+            self._remove_parents()
+            if isinstance(e, OSError):
+                raise InputError(f"output directory {self.dest}: cannot create: {e.strerror or e}") from None
+            raise
+
+    def _check_dest(self) -> None:
+        if not os.path.lexists(self.dest):
+            return
+        if not self.overwrite:
+            raise OutputExistsError(f"output directory {self.dest} already exists (pass --overwrite to replace it)")
+        if self.dest.is_symlink() or not self.dest.is_dir():
+            what = "a symbolic link" if self.dest.is_symlink() else "not a directory"
+            raise OutputExistsError(f"output {self.dest} exists and is {what}; --overwrite replaces only a directory")
 
     def commit(self) -> Path:
         """Move the finished checkpoint into place (replacing an old one when overwriting)."""
-        old = None
-        if self.dest.exists():
-            old = self.dest.parent / f".{self.dest.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(self.dest, old)
-        os.rename(self.path, self.dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            self._check_dest()
+            moved = False
+            if os.path.lexists(self.dest):
+                if os.path.lexists(self._old):
+                    _remove(self._old)
+                os.rename(self.dest, self._old)
+                moved = True
+            try:
+                os.rename(self.path, self.dest)
+            except OSError:
+                if moved:
+                    os.rename(self._old, self.dest)
+                raise
+            if moved:
+                _remove(self._old)
+        except OSError as e:
+            raise ResourceError(f"output directory {self.dest}: cannot move the finished checkpoint into place: {e.strerror or e}") from None
+        finally:
+            self.release()
         return self.dest
 
     def discard(self) -> None:
+        """Remove everything this created: the staging directory, the lock, new parent directories."""
         shutil.rmtree(self.path, ignore_errors=True)
+        self.release()
+        self._remove_parents()
+
+    def release(self) -> None:
+        """Give up the lock, keeping the staging directory (for ``--resume``)."""
+        if self._lock_fd is not None:
+            try:
+                os.unlink(self._lock_path)  # while still held: a waiter then retries on a new file
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _remove_parents(self) -> None:
+        for d in self._created:  # deepest first; only the empty ones
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+
+def _missing_parents(d: Path) -> list[Path]:
+    """``d`` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not os.path.lexists(d) and d != d.parent:
+        out.append(d)
+        d = d.parent
+    return out
+
+
+def _refuse_overlap(dest: Path, siblings: list[Path], protect: Iterable[str | Path]) -> None:
+    outs = [Path(os.path.realpath(p)) for p in (dest, *siblings)]
+    for p in protect:
+        inp = Path(os.path.realpath(p))
+        for out in outs:
+            if out == inp or inp in out.parents or out in inp.parents:
+                raise InputError(
+                    f"output {dest} overlaps the input {p}: the output must not be, contain or sit inside "
+                    "an input model directory, --models-dir or the recipe"
+                )
+
+
+def _lock(path: Path, dest: Path) -> int:
+    """Hold ``flock`` on ``path`` (created if absent); OutputExistsError if another process does."""
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputExistsError(
+                f"output {dest}: another merge is writing it (it holds {path}); wait for it to finish or choose another output"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # its holder removed it as we opened it: lock the new one
+    raise OutputExistsError(f"output {dest}: cannot take the lock {path}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

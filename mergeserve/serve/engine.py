@@ -5,8 +5,10 @@ Defaults follow the mission: a 4096-token context, FP8 weights where the checkpo
 the cluster's resources, and engine memory set explicitly (``VLLM_CPU_KVCACHE_SPACE`` on CPU)
 instead of vLLM's fraction-of-memory default, which on CPU means a fraction of all RAM.
 
-Everything is checked before Ray starts: the directory, its ``config.json``, the weights, and
-whether this hardware can run FP8 at all (vLLM 0.32's CPU FP8 kernels need Intel AMX).
+Everything is checked before Ray starts: the directory, its ``config.json``, the weights (an FP8
+checkpoint's scales against its weights), and whether this hardware can run FP8 at all: GPUs and
+x86-64 CPUs can (AMX CPUs with vLLM's own kernels, the others with mergeserve's plugin,
+:mod:`mergeserve.serve.fp8_cpu`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,23 @@ from typing import Any
 from mergeserve.errors import InputError, UnsupportedError
 
 MAX_MODEL_LEN = 4096
-# Ray Serve LLM sends a stream's tokens in batches, one message per interval per hop (LLM
-# replica -> ingress -> proxy). Ray's default is 50 ms; on a 2-core CPU host each message costs
-# the engine CPU: at 16 streams, 200 ms gave 55% of vLLM's own server's tokens/s where 50 ms
-# gave 38% (benchmarks/serve_bench.py, side by side). The first chunk is not delayed
-# (llm_server.py), so time to first token does not depend on it; a stream's later text arrives
-# up to this much later, in larger pieces.
-STREAM_INTERVAL_MS = 200.0
+# Request bounds, checked by vLLM (400 with an OpenAI error body above them): parallel samples per
+# request (`n`; a request of n=256 would take every sequence slot) and logprobs per token.
+MAX_N = 16
+MAX_LOGPROBS = 20
+X86_MACHINES = ("x86_64", "amd64", "i686", "i386")
+# What an engine process holds besides weights and KV cache (torch, vLLM, Ray's replica): about
+# 1.5 GiB seen per CPU engine here; 2 GiB leaves room.
+ENGINE_OVERHEAD_BYTES = 2 << 30
+# Dequantize FP8 weights to bf16 only while that leaves a quarter of the available memory free.
+FP8_MEMORY_SHARE = 0.75
+# vLLM's own CPU FP8 block kernels (AMX); `--fp8-kernel mergeserve` disables them so that the
+# plugin's kernel serves even on AMX machines (to compare, and to test the plugin there).
+VLLM_CPU_FP8_KERNELS = ("CPUFp8W8A8BlockScaledMMKernel", "CPUFp8BlockScaledMMKernel")
+FP8_KERNELS = ("auto", "mergeserve")
+# Read by the plugin in each engine process: how it holds FP8 weights (see fp8_cpu_weights).
+FP8_CPU_WEIGHTS_ENV = "MERGESERVE_FP8_CPU_WEIGHTS"
+FP8_CPU_WEIGHT_MODES = ("bf16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,55 @@ class Checkpoint:
     name: str
     fp8: bool  # block-FP8 weights (quantization_config.quant_method == "fp8")
     max_positions: int
+    weight_bytes: int = 0  # of every tensor, as stored
+    fp8_elements: int = 0  # FP8 weight elements (each becomes 2 bytes when dequantized to bf16)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"checkpoint {path.parent}: no {path.name} (is this a model directory?)") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def _fp8_block(cfg: dict, cfg_path: Path) -> tuple[int, int]:
+    block = (cfg.get("quantization_config") or {}).get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise InputError(f"{cfg_path}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+    return block[0], block[1]
+
+
+def _check_weights(p: Path, block: tuple[int, int] | None) -> tuple[int, int]:
+    """Every shard's header; for FP8, each e4m3 weight's ``weight_scale_inv`` against its shape.
+    Returns (bytes of all tensors, FP8 weight elements)."""
+    from mergeserve.merge.reader import read_header
+
+    tensors = {}
+    for f in sorted(p.glob("*.safetensors")):
+        tensors.update(read_header(f))
+    total = sum(t.nbytes for t in tensors.values())
+    fp8 = {n: t for n, t in tensors.items() if t.dtype == "F8_E4M3"}
+    if block is None:
+        if fp8:
+            raise InputError(f"checkpoint {p}: tensor {next(iter(fp8))!r} is FP8 but config.json has no fp8 quantization_config")
+        return total, 0
+    for name, t in fp8.items():
+        scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
+        scale = tensors.get(scale_name)
+        if len(t.shape) != 2 or scale is None:
+            raise InputError(f"checkpoint {p}: FP8 tensor {name!r} has no {scale_name!r} (or is not a 2-D weight)")
+        want = (-(-t.shape[0] // block[0]), -(-t.shape[1] // block[1]))
+        if scale.shape != want or scale.dtype not in ("F32", "BF16"):
+            raise InputError(
+                f"checkpoint {p}: {scale_name!r} is {scale.dtype}{list(scale.shape)}, expected float32 {list(want)} "
+                f"for weight {list(t.shape)} in {block[0]}x{block[1]} blocks"
+            )
+    return total, sum(t.nbytes for t in fp8.values())
 
 
 def inspect_checkpoint(path: str | Path, name: str | None = None) -> Checkpoint:
@@ -42,50 +103,55 @@ def inspect_checkpoint(path: str | Path, name: str | None = None) -> Checkpoint:
     if not p.is_dir():
         raise InputError(f"checkpoint {path}: not a directory")
     cfg_path = p / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"checkpoint {path}: no config.json (is this a model directory?)") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{cfg_path}: unreadable ({e})") from None
+    cfg = _read_json(cfg_path, "model config")
     if not list(p.glob("*.safetensors")):
         raise InputError(f"checkpoint {path}: no *.safetensors weights")
     if not (p / "tokenizer.json").exists() and not (p / "tokenizer.model").exists():
         raise InputError(f"checkpoint {path}: no tokenizer (tokenizer.json or tokenizer.model)")
     q = cfg.get("quantization_config") or {}
-    return Checkpoint(p, name or p.name, q.get("quant_method") == "fp8", int(cfg.get("max_position_embeddings", MAX_MODEL_LEN)))
+    fp8 = isinstance(q, dict) and q.get("quant_method") == "fp8"
+    total, fp8_elements = _check_weights(p, _fp8_block(cfg, cfg_path) if fp8 else None)
+    positions = cfg.get("max_position_embeddings", MAX_MODEL_LEN)
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
+        raise InputError(f"{cfg_path}: max_position_embeddings must be a positive integer, got {positions!r}")
+    return Checkpoint(p, name or p.name, fp8, positions, total, fp8_elements)
 
 
-def cpu_has_amx() -> bool:
-    """vLLM's CPU FP8 matmul kernels (block FP8, online fp8_per_block) need AMX tiles.
+def is_x86() -> bool:
+    import platform
 
-    Asks torch the way vLLM does (``torch.cpu._is_amx_tile_supported``), so that our refusal
-    and vLLM's kernel choice agree; /proc/cpuinfo is the fallback.
-    """
-    try:
-        import torch
-
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (ImportError, AttributeError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any("amx_tile" in line for line in f if line.startswith("flags"))
-    except OSError:
-        return False
+    return platform.machine().lower() in X86_MACHINES
 
 
 def check_fp8_support(ckpt: Checkpoint, accelerator: str, quantize: bool) -> None:
-    """Refuse, with the reason, FP8 this hardware cannot run (instead of a crash in the engine)."""
-    if accelerator == "gpu" or not (ckpt.fp8 or quantize):
+    """Refuse, with the reason, FP8 this hardware cannot run (instead of a crash in the engine).
+
+    GPUs run it with vLLM's kernels; x86-64 CPUs with vLLM's AMX kernels or, without AMX, with
+    mergeserve's plugin (serve/fp8_cpu.py). Other CPUs (Arm, POWER) have neither."""
+    if accelerator == "gpu" or not (ckpt.fp8 or quantize) or is_x86():
         return
-    if not cpu_has_amx():
-        what = "its FP8 block weights" if ckpt.fp8 else "FP8 quantization on load"
-        raise UnsupportedError(
-            f"checkpoint {ckpt.name}: {what} cannot run on this CPU: vLLM's CPU FP8 kernels need Intel AMX "
-            "(Sapphire Rapids or newer) and this CPU has none. Serve a bf16 merge here (mergeserve merge "
-            "without --out-dtype fp8), or serve this checkpoint on an AMX CPU or a GPU."
-        )
+    import platform
+
+    what = "its FP8 block weights" if ckpt.fp8 else "FP8 quantization on load"
+    raise UnsupportedError(
+        f"checkpoint {ckpt.name}: {what} cannot run on this {platform.machine()} CPU: FP8 serves on GPUs and x86-64 CPUs "
+        "only. Serve a bf16 merge here (mergeserve merge without --out-dtype fp8)."
+    )
+
+
+def fp8_cpu_weights(ckpts: list[Checkpoint], requested: str, kv_cache_gib: int, available_bytes: int | None = None) -> str:
+    """How mergeserve's CPU kernel holds FP8 weights: ``bf16`` (dequantized at load: fastest)
+    unless every engine's weights with bf16 for the FP8 ones, plus their KV caches and
+    ``ENGINE_OVERHEAD_BYTES`` each, would not fit in ``FP8_MEMORY_SHARE`` of the available memory;
+    then ``fp8`` (half the memory, slower). ``requested`` other than ``auto`` is kept."""
+    if requested != "auto":
+        return requested
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
+    need = sum(c.weight_bytes + c.fp8_elements + kv_cache_gib * 2**30 + ENGINE_OVERHEAD_BYTES for c in ckpts)
+    return "bf16" if need <= FP8_MEMORY_SHARE * available_bytes else "fp8"
 
 
 def llm_config(
@@ -99,25 +165,36 @@ def llm_config(
     trust_remote_code: bool = False,
     enforce_eager: bool = False,
     engine_metrics: bool = True,
-    stream_interval_ms: float = STREAM_INTERVAL_MS,
+    fp8_weights: str = "bf16",
+    fp8_kernel: str = "auto",
+    max_n: int = MAX_N,
+    max_logprobs: int = MAX_LOGPROBS,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The LLMConfig (as a dict: it also goes into ``--emit-config`` YAML) for one checkpoint."""
-    if not stream_interval_ms >= 0:  # also NaN
-        raise InputError(f"--stream-interval-ms must be >= 0 milliseconds, got {stream_interval_ms}")
+    """The LLMConfig (as a dict: it also goes into ``--emit-config`` YAML) for one checkpoint.
+
+    ``fp8_weights`` (bf16 | fp8) and ``fp8_kernel`` (auto | mergeserve) apply to FP8 on CPU;
+    ``env``: Ray Serve's switches for the replica (serve/ingress.py)."""
     if max_model_len > ckpt.max_positions:
         raise InputError(f"checkpoint {ckpt.name}: --max-model-len {max_model_len} exceeds its {ckpt.max_positions} positions")
     engine: dict[str, Any] = {
         "max_model_len": max_model_len,
         "trust_remote_code": trust_remote_code,
         "enforce_eager": enforce_eager,
+        "max_logprobs": max_logprobs,
+        "disable_fastapi_docs": True,  # no /docs, /openapi.json on the replica's port
     }
     if not ckpt.fp8:
         engine["dtype"] = "bfloat16"
         if quantize:  # FP8 on load: per-block on CPU (the only FP8 path with a CPU kernel), per-tensor on GPU
             engine["quantization"] = "fp8" if accelerator == "gpu" else "fp8_per_block"
-    env = {"HF_HUB_OFFLINE": "1"}
+    env = {**(env or {}), "HF_HUB_OFFLINE": "1", "VLLM_MAX_N_SEQUENCES": str(max_n)}
     if accelerator == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))  # vLLM parses an integer number of GiB
+        if ckpt.fp8 or quantize:
+            env[FP8_CPU_WEIGHTS_ENV] = fp8_weights
+            if fp8_kernel == "mergeserve":
+                env["VLLM_DISABLED_KERNELS"] = ",".join(VLLM_CPU_FP8_KERNELS)
     # A replica whose engine died is found by its health check and replaced: check every 2 s
     # rather than Serve's 10 s, so fewer requests meet a dead engine.
     deployment: dict[str, Any] = {"health_check_period_s": 2, "health_check_timeout_s": 30}
@@ -132,5 +209,4 @@ def llm_config(
         "runtime_env": {"env_vars": env},
         "deployment_config": deployment,
         "log_engine_metrics": engine_metrics,
-        "experimental_configs": {"stream_batching_interval_ms": stream_interval_ms},
     }

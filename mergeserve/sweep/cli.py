@@ -21,10 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_sweep(a: argparse.Namespace) -> int:
     if a.plan_only:
-        from mergeserve.cluster.sweep import prepare
+        from mergeserve.sweep.runner import prepare
         from mergeserve.sweep.variants import batches
 
-        spec, _, _, _, _, planned, _ = prepare(a.spec, a.out, models_dir=a.models_dir, resume=True)
+        prep = prepare(a.spec, a.out, models_dir=a.models_dir, resume=True)
+        spec, planned = prep.spec, prep.planned
         if planned is None:
             print(f"{spec.search.kind} search: budget {spec.search.budget}, batches of {spec.batch_size} (variants chosen while running)")
             return 0
@@ -37,7 +38,7 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
             dup = f"  (= {pv.duplicate_of})" if pv.duplicate_of else ""
             print(f"  {pv.name}: {pv.variant.label}{dup}")
         return 0
-    from mergeserve.cluster.sweep import run_sweep
+    from mergeserve.sweep.runner import run_sweep
 
     summary = run_sweep(
         a.spec, a.out, address=a.address, workers=a.workers, resume=a.resume, models_dir=a.models_dir,

@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def texts_of(rows: Sequence[dict]) -> list[str]:

@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergeserve.errors import ConfigError
-from mergeserve.merge.config import _errors_to_problems
+from mergeserve.merge.config import _errors_to_problems, load_yaml, read_text_file
 
-AxisValue = Union[bool, int, float, str, list[Union[int, float]]]
+AxisValue = bool | int | float | str | list[int | float]
 PATH_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[[^\]]*\])*)")
 
 
@@ -53,7 +52,7 @@ class Axis(_Strict):
     steps: int | None = Field(None, ge=2, description="Grid points over [low, high] for a grid search")
 
     @model_validator(mode="after")
-    def _values_or_range(self) -> "Axis":
+    def _values_or_range(self) -> Axis:
         if self.values is not None and (self.low is not None or self.high is not None):
             raise ValueError("give either 'values' or 'low'/'high', not both")
         if self.values is None and (self.low is None or self.high is None):
@@ -87,7 +86,7 @@ class Search(_Strict):
     objective: str = Field("mean", description="What adaptive search minimises: 'mean' (mean log-perplexity) or a text name")
 
     @model_validator(mode="after")
-    def _counts(self) -> "Search":
+    def _counts(self) -> Search:
         if self.kind == "random" and (self.samples is None or self.samples < 1):
             raise ValueError(f"@samples: random search needs samples >= 1, got {self.samples}")
         if self.kind in ("tpe", "cmaes") and (self.budget is None or self.budget < 1):
@@ -106,7 +105,7 @@ class Eval(_Strict):
 class SweepSpec(_Strict):
     """A whole sweep spec."""
 
-    recipe: Union[str, dict[str, Any]] = Field(description="mergekit recipe: a file path (relative to the spec) or a mapping")
+    recipe: str | dict[str, Any] = Field(description="mergekit recipe: a file path (relative to the spec) or a mapping")
     axes: list[Axis] = Field(min_length=1, description="The dimensions varied")
     search: Search = Field(default_factory=Search, description="grid, random, tpe or cmaes")
     batch_size: int = Field(8, ge=1, description="Variants merged together; each source byte is read once per batch")
@@ -131,12 +130,7 @@ def parse_path(path: str) -> list[tuple[str, list[str]]]:
 def load_spec(path: str | Path) -> tuple[SweepSpec, Path]:
     """Read and validate a spec file; returns it and the directory its relative paths start from."""
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read sweep spec: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = load_yaml(read_text_file(p, "sweep spec"), str(p))
     return parse_spec(data, str(p)), p.parent.absolute()
 
 

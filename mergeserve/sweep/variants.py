@@ -9,17 +9,19 @@ from __future__ import annotations
 import copy
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
 from mergeserve.errors import ConfigError, MergeServeError
 from mergeserve.merge.config import MergeConfig, load_config, parse_config
 from mergeserve.merge.methods.registry import get_method, method_names
-from mergeserve.merge.plan import MergePlan
 from mergeserve.merge.multi import content_key, structure_key
+from mergeserve.merge.options import MergeOptions
+from mergeserve.merge.plan import MergePlan
 from mergeserve.sweep.spec import Axis, SweepSpec, parse_path
 
 
@@ -183,16 +185,8 @@ def random_variants(spec: SweepSpec, recipe: dict, start: int = 0) -> list[Varia
     return out
 
 
-def plan_variants(
-    variants: Sequence[Variant],
-    *,
-    models_dir: str | Path | None,
-    out_dtype: str | None,
-    seed: int,
-    shard_size: int | None = None,
-    known: dict[str, str] | None = None,
-) -> list[PlannedVariant]:
-    """Validate and plan every variant; one ConfigError naming each invalid variant.
+def plan_variants(variants: Sequence[Variant], options: MergeOptions, known: dict[str, str] | None = None) -> list[PlannedVariant]:
+    """Validate and plan every variant with ``options``; one ConfigError naming each invalid variant.
 
     ``known``: content key -> name of variants already merged (earlier batches, --resume), so
     that a repeated variant is marked a duplicate instead of merged again.
@@ -204,7 +198,7 @@ def plan_variants(
     for v in variants:
         try:
             cfg = parse_config(v.recipe, f"variant {v.name}")
-            cfg, _, plan = plan_merge(cfg, models_dir=models_dir, out_dtype=out_dtype, seed=seed, out_shard_size=shard_size)
+            cfg, _, plan = plan_merge(cfg, options)
             text = yaml.safe_dump(v.recipe, sort_keys=False)
         except MergeServeError as e:
             msg = str(e).removeprefix(f"variant {v.name}: ")

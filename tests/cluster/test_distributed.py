@@ -4,15 +4,21 @@ spread over nodes, surviving a killed actor; FP8; random methods reproducible wh
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import psutil
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from mergeserve.cluster.driver import merge_distributed
+from mergeserve.errors import InputError
 from mergeserve.merge.api import merge
 from tests.oracle import load_tensors
 
@@ -96,3 +102,42 @@ def test_killed_actor_is_restarted_and_output_is_bit_identical(ray_cluster, medi
     assert "error" not in box, box.get("error")
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
     _equal(box["result"].out_dir, reference.out_dir)
+
+
+@pytest.fixture(scope="module")
+def pickled_models(random_models, tmp_path_factory):
+    """ft-a as safetensors, ft-b as a pickle checkpoint (pytorch_model.bin) only."""
+    root = tmp_path_factory.mktemp("pickled-models")
+    shutil.copytree(random_models["a"], root / "ft-a")
+    shutil.copytree(random_models["b"], root / "ft-b")
+    for p in (root / "ft-b").glob("model*"):
+        p.unlink()
+    torch.save(load_file(random_models["b"] / "model.safetensors"), root / "ft-b" / "pytorch_model.bin")
+    return root
+
+
+def test_pickle_input_merges_on_the_actors_only_with_allow_pickle(ray_cluster, pickled_models, tmp_path):
+    """--allow-pickle travels with the plan to every actor's reader; without it the plan refuses."""
+    kw = dict(models_dir=pickled_models, out_shard_size="1M")
+    with pytest.raises(InputError, match="--allow-pickle"):
+        merge_distributed(SLERP, tmp_path / "refused", progress=False, **kw)
+    assert not (tmp_path / "refused").exists()
+    dist = merge_distributed(SLERP, tmp_path / "dist", progress=False, allow_pickle=True, **kw)
+    assert dist.workers and not dist.driver_parts  # merged by the actors
+    local = merge(SLERP, tmp_path / "local", progress=False, allow_pickle=True, **kw)
+    _equal(dist.out_dir, local.out_dir)
+
+
+def test_pickle_input_merges_with_an_embedded_ray_and_allow_pickle(pickled_models, tmp_path):
+    """The console command with its own Ray: the driver's helper threads and the actors both read
+    the pickle input."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(SLERP))
+    cmd = [sys.executable, "-m", "mergeserve.cli", "merge", str(recipe), str(tmp_path / "out"), "--models-dir", str(pickled_models),
+           "--out-shard-size", "1M", "-q"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--allow-pickle" in refused.stderr, refused.stderr
+    p = subprocess.run(cmd + ["--allow-pickle"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    local = merge(SLERP, tmp_path / "local", progress=False, allow_pickle=True, models_dir=pickled_models, out_shard_size="1M")
+    _equal(tmp_path / "out", local.out_dir)

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from mergeserve.cluster.parts import ShardAssembler, prepare_shard, result_path, run_part, split_parts
+from mergeserve.cluster.parts import ShardAssembler, prepare_shard, run_part, split_parts
+from mergeserve.cluster.resume import done_record
 from mergeserve.merge.api import merge, plan_merge
 from mergeserve.merge.execute import SourceCache
 
@@ -47,14 +48,14 @@ def test_shard_from_parts_in_reverse_order_equals_single_process(random_models, 
     parts = split_parts(plan.shards, 4)
     assert len(parts) > 2 * len(plan.shards)
     asm = ShardAssembler(plan, parts, out)
-    sources = [SourceCache(plan.models), SourceCache(plan.models)]  # two "workers"
+    sources = [SourceCache(plan), SourceCache(plan)]  # two "workers"
     for i, p in enumerate(reversed(parts)):
         asm.add(run_part(plan, p, out, sources=sources[i % 2], worker=f"w{i % 2}"))
     assert asm.done
     for s in plan.shards:
         assert (out / s.filename).read_bytes() == (reference.out_dir / s.filename).read_bytes()
         assert not (out / f"{s.filename}.tmp").exists()
-        record = json.loads(result_path(out, s.filename).read_text())
+        record = json.loads(done_record(out, s.filename).read_text())
         want = {r.name: r.sha256 for r in next(x for x in reference.shards if x.index == s.index).tensors}
         assert {t["name"]: t["sha256"] for t in record["tensors"]} == want
 
@@ -73,9 +74,9 @@ def test_part_stopped_between_tensors_hands_back_the_rest(random_models, tmp_pat
     prepare_shard(out, shard)
     whole = Part(shard.index, 0, len(shard.tensors), shard.bytes_written)
     asm = ShardAssembler(plan, [whole], out)
-    first = run_part(plan, whole, out, sources=SourceCache(plan.models), should_stop=lambda: True)
+    first = run_part(plan, whole, out, sources=SourceCache(plan), should_stop=lambda: True)
     assert (first.part.start, first.part.stop) == (0, 1) and len(first.tensors) == 1
     assert asm.add(first) is None and not asm.done
     rest = Part(shard.index, 1, whole.stop, whole.bytes_written - first.part.bytes_written)
-    assert asm.add(run_part(plan, rest, out, sources=SourceCache(plan.models))) is not None
+    assert asm.add(run_part(plan, rest, out, sources=SourceCache(plan))) is not None
     assert (out / shard.filename).read_bytes() == (reference.out_dir / shard.filename).read_bytes()

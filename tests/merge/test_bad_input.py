@@ -8,6 +8,7 @@ status too.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,76 @@ def models(random_models, tmp_path_factory):
     for p in (root / "pickled").glob("model*"):
         p.unlink()
     torch.save(load_file(random_models["b"] / "model.safetensors"), root / "pickled" / "pytorch_model.bin")
+    shutil.copytree(root / "pickled", root / "pickled-junk")
+    torch.save({"step": 3, "note": "not weights"}, root / "pickled-junk" / "pytorch_model.bin")
+    for name, fn in HEADER_EDITS.items():
+        shutil.copytree(root / "b", root / name)
+        _edit_header(root / name / "model.safetensors", fn)
+    for name, fn in CONFIG_EDITS.items():
+        shutil.copytree(root / "b", root / name)
+        cfg = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps(fn(cfg)))
+    shutil.copytree(root / "b", root / "index-list")
+    (root / "index-list" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    for name, target in (("fifo-shard", "model.safetensors"), ("fifo-config", "config.json")):
+        shutil.copytree(root / "b", root / name)
+        (root / name / target).unlink()
+        os.mkfifo(root / name / target)  # opening it for reading would wait for a writer forever
     return root
+
+
+def _edit_header(f, fn) -> None:
+    """Rewrite a safetensors file's header with ``fn(header dict) -> dict or raw bytes``, same data."""
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    new = fn(json.loads(raw[8 : 8 + n]))
+    new = new if isinstance(new, bytes) else json.dumps(new).encode()
+    f.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+
+
+def _first(h: dict) -> str:
+    return next(k for k in h if k != "__metadata__")
+
+
+def _set(field, value):
+    def fn(h):
+        h[_first(h)][field] = value(h[_first(h)][field]) if callable(value) else value
+        return h
+    return fn
+
+
+def _overlap(h):  # the second tensor (by offset) starts 2 bytes early; the data still ends at the end
+    names = sorted((v["data_offsets"], k) for k, v in h.items() if k != "__metadata__")
+    (a, b), k = names[1]
+    h[k]["data_offsets"] = [a - 2, b - 2]
+    (a2, b2), k2 = names[2]
+    h[k2]["data_offsets"] = [a2 - 2, b2]
+    h[k2]["shape"] = [(b2 - a2 + 2) // 2]  # bf16: one more element, so the byte count fits
+    return h
+
+
+def _duplicate_key(h):
+    text = json.dumps(h)
+    k = _first(h)
+    return text[:-1].encode() + b", " + json.dumps(k).encode() + b": " + json.dumps(h[k]).encode() + b"}"
+
+
+HEADER_EDITS = {
+    "offsets-as-strings": _set("data_offsets", lambda o: [str(x) for x in o]),
+    "float-offsets": _set("data_offsets", lambda o: [float(x) for x in o]),
+    "dtype-as-list": _set("dtype", lambda d: [d]),
+    "negative-shape": _set("shape", lambda s: [-x for x in s]),
+    "overflowing-shape": _set("shape", lambda s: [2**40, 2**40, 2**40, 0]),
+    "overlapping-offsets": _overlap,
+    "duplicate-key": _duplicate_key,
+    "deep-json": lambda h: b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+}
+CONFIG_EDITS = {
+    "config-list": lambda c: [c],
+    "layers-four": lambda c: {**c, "num_hidden_layers": "four"},
+    "layers-six": lambda c: {**c, "num_hidden_layers": 6},
+    "layers-huge": lambda c: {**c, "num_hidden_layers": 10**8},
+}
 
 
 def _recipe(tmp_path, recipe: dict) -> str:
@@ -112,19 +182,43 @@ CASES = {
     "corrupt safetensors": (_slerp_b("corrupt"), ["model.safetensors"]),
     "unreadable model path": (_slerp_b("does-not-exist"), ["does-not-exist"]),
     "pickle without opt-in": (_slerp_b("pickled"), ["pytorch_model.bin", "--allow-pickle"]),
+    "pickle of non-tensors": (_slerp_b("pickled-junk"), ["pytorch_model.bin", "not a checkpoint of named tensors"], "--allow-pickle"),
+    "offsets as strings": (_slerp_b("offsets-as-strings"), ["offsets-as-strings/model.safetensors", "data_offsets"]),
+    "float offsets": (_slerp_b("float-offsets"), ["float-offsets/model.safetensors", "data_offsets"]),
+    "dtype as a list": (_slerp_b("dtype-as-list"), ["dtype-as-list/model.safetensors", "dtype"]),
+    "negative shape": (_slerp_b("negative-shape"), ["negative-shape/model.safetensors", "shape"]),
+    "overflowing shape": (_slerp_b("overflowing-shape"), ["overflowing-shape/model.safetensors", "overflows"]),
+    "overlapping offsets": (_slerp_b("overlapping-offsets"), ["overlapping-offsets/model.safetensors", "overlaps"]),
+    "duplicate tensor key": (_slerp_b("duplicate-key"), ["duplicate-key/model.safetensors", "duplicate key"]),
+    "JSON nested 200k deep": (_slerp_b("deep-json"), ["deep-json/model.safetensors", "nested deeper"]),
+    "config.json a list": (_slerp_b("config-list"), ["config-list/config.json", "JSON object"]),
+    "num_hidden_layers four": (_slerp_b("layers-four"), ["layers-four/config.json", "num_hidden_layers", "'four'"]),
+    "num_hidden_layers 6 for 4": (_slerp_b("layers-six"), ["layers-six/config.json", "num_hidden_layers is 6", "4 layers"]),
+    "num_hidden_layers 10**8": (_slerp_b("layers-huge"), ["layers-huge/config.json", "100000000", "4 layers"]),
+    "weight_map a list": (_slerp_b("index-list"), ["index-list/model.safetensors.index.json", "weight_map"]),
+    "FIFO as a shard": (_slerp_b("fifo-shard"), ["fifo-shard/model.safetensors", "not a regular file"]),
+    "FIFO as config.json": (_slerp_b("fifo-config"), ["fifo-config/config.json", "not a regular file"]),
 }
 
 
+def _snapshot(root) -> dict:
+    """(size, mtime) of every entry under ``root``, without opening any (FIFOs included)."""
+    return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.timeout(120)  # a FIFO opened for reading would block: fail, do not hang
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_gets_one_line_exit_2_and_writes_nothing(case, models, tmp_path, capsys):
-    recipe, needles = CASES[case]
-    code, err, out = _run(tmp_path, models, recipe, capsys)
+    recipe, needles, *extra = CASES[case]
+    before = _snapshot(models)
+    code, err, out = _run(tmp_path, models, recipe, capsys, *extra)
     assert code == 2, err
     assert err.startswith("mergeserve: error: ") and "\n" not in err, err
     for n in needles:
         assert n.lower() in err.lower(), (n, err)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"], "a staging directory was left behind"
+    assert _snapshot(models) == before, "an input changed"
 
 
 def test_all_problems_are_reported_at_once(models, tmp_path, capsys):

@@ -74,7 +74,9 @@ def test_linear_is_the_weighted_mean():
 
 def test_task_arithmetic_adds_weighted_deltas():
     base, a, b = (_rand(16, 16, seed=i, dtype=torch.float64) for i in range(3))
-    got = get_method("task_arithmetic")([base, a, b], 0, weight=[None, 0.5, 0.25], density=[None, 1.0, 1.0], normalize=False, rescale=False, **{"lambda": 0.8})
+    got = get_method("task_arithmetic")(
+        [base, a, b], 0, weight=[None, 0.5, 0.25], density=[None, 1.0, 1.0], normalize=False, rescale=False, **{"lambda": 0.8}
+    )
     expect = base + 0.8 * (0.5 * (a - base) + 0.25 * (b - base))
     assert torch.allclose(got, expect, atol=1e-12)
 

@@ -76,7 +76,7 @@ def test_batch_written_equals_lone_merges(random_models, tmp_path, kind):
     dirs = [tmp_path / f"v{i}" for i in range(len(plans))]
     for d in dirs:
         d.mkdir()
-    sources = SourceCache(plans[0].models)
+    sources = SourceCache(plans[0])
     try:
         reads = []
         for k in range(len(plans[0].shards)):

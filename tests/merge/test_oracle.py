@@ -55,7 +55,9 @@ METHOD_RECIPES = {
     "slerp-gradients": {
         "merge_method": "slerp", "base_model": "ft-b", "dtype": "bfloat16",
         "slices": [{"sources": [{"model": "ft-a", "layer_range": [0, 4]}, {"model": "ft-b", "layer_range": [0, 4]}]}],
-        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
+        "parameters": {"t": [
+            {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5},
+        ]},
     },
     "nuslerp": _weighted("nuslerp", {"ft-a": 0.6, "ft-b": 0.4}, base="base"),
     "nuslerp-rowwise-nobase": _weighted("nuslerp", {"ft-a": 0.6, "ft-b": 0.4}, nuslerp_flatten=False, nuslerp_row_wise=True),

@@ -3,11 +3,14 @@ with mergekit-multi run on the same recipe."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import yaml
 
 from mergeserve.cli import main
 from mergeserve.errors import ConfigError
+from mergeserve.merge.options import MergeOptions
 from mergeserve.merge.stage_run import local_runner, merge_stages
 from mergeserve.merge.stages import FINAL, parse_stages, stage_config
 from tests.oracle import absolutize, compare, load_tensors, run_mergekit
@@ -117,7 +120,8 @@ class _Interrupt(Exception):
 
 def test_resume_reuses_verified_stages_and_redoes_the_rest(random_models, tmp_path):
     graph = parse_stages(_text(DOCS))
-    runner = local_runner(progress=False, models_dir=random_models["root"])
+    opts = MergeOptions(progress=False, models_dir=random_models["root"])
+    runner = local_runner(opts)
     ran: list[str] = []
 
     def failing(cfg, dest):
@@ -128,7 +132,7 @@ def test_resume_reuses_verified_stages_and_redoes_the_rest(random_models, tmp_pa
 
     failing.options = runner.options
     with pytest.raises(_Interrupt):
-        merge_stages(graph, tmp_path / "out", failing)
+        merge_stages(graph, tmp_path / "out", failing, opts)
     staged = tmp_path / ".out.partial" / "stages"
     assert ran == ["pair", "blend"] and (staged / "pair").is_dir() and not (tmp_path / "out").exists()
 
@@ -144,9 +148,9 @@ def test_resume_reuses_verified_stages_and_redoes_the_rest(random_models, tmp_pa
         return runner(cfg, dest)
 
     counting.options = runner.options
-    result = merge_stages(graph, tmp_path / "out", counting, resume=True)
+    result = merge_stages(graph, tmp_path / "out", counting, replace(opts, resume=True))
     assert result.reused == ["pair"] and ran == ["blend", "__final__"]
-    fresh = merge_stages(graph, tmp_path / "fresh", runner)
+    fresh = merge_stages(graph, tmp_path / "fresh", runner, opts)
     assert not (tmp_path / "out" / "stages").exists()
     got, want = load_tensors(tmp_path / "out"), load_tensors(fresh.out_dir)
     assert sorted(got) == sorted(want) and all(got[k].equal(want[k]) for k in got)

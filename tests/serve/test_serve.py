@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,17 +28,72 @@ def _auth(served):
     return {"Authorization": f"Bearer {served.api_key}"}
 
 
-def test_models_lists_both_variants(client, served):
-    assert sorted(m.id for m in client.models.list().data) == sorted(served.models)
+def test_models_lists_every_model(client, served):
+    assert sorted(m.id for m in client.models.list().data) == sorted(served.models + served.fp8_models)
 
 
 def test_api_key_is_required(served):
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
+    two = [("authorization", f"Bearer {served.api_key}"), ("authorization", "Bearer wrong")]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, two):
         r = httpx.get(served.url + "/v1/models", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         r = httpx.post(served.url + "/v1/chat/completions", headers=headers, json={"model": "mistral-code", "messages": []})
         assert r.status_code == 401
+    assert httpx.get(served.url + "/-/routes").status_code == 401
     assert httpx.get(served.url + "/-/healthz").status_code == 200  # health stays open
+
+
+def _replica_ports(served) -> list[int]:
+    """The ports the models' replicas listen on themselves (Ray's direct ingress), besides HAProxy's."""
+    import psutil
+
+    ports = set()
+    for p in psutil.Process(served.proc.pid).children(recursive=True):
+        try:
+            if "ServeReplica" in " ".join(p.cmdline()):
+                ports |= {c.laddr.port for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            pass
+    return sorted(ports)
+
+
+def test_a_replicas_own_port_checks_the_key_too(served):
+    ports = _replica_ports(served)
+    assert ports
+    body = {"model": "mistral-code", "prompt": "hi", "max_tokens": 1}
+    answered = 0
+    for port in ports:
+        base = f"http://127.0.0.1:{port}"
+        try:
+            r = httpx.post(base + "/v1/completions", json=body, timeout=30)
+        except httpx.HTTPError:
+            continue  # a gRPC port: not HTTP
+        answered += 1
+        assert r.status_code == 401, (port, r.status_code, r.text[:200])
+        assert httpx.get(base + "/-/routes", timeout=10).status_code == 401
+    assert answered >= 2  # at least every model's HTTP port
+
+
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    a = ipaddress.ip_address(ip)
+    return a.is_loopback or (a.version == 6 and a.ipv4_mapped is not None and a.ipv4_mapped.is_loopback)
+
+
+def test_nothing_listens_beyond_loopback(served):
+    import psutil
+
+    family = [psutil.Process(served.proc.pid), *psutil.Process(served.proc.pid).children(recursive=True)]
+    outside = []
+    for p in family:
+        try:
+            for c in p.net_connections("inet"):
+                if c.status == psutil.CONN_LISTEN and not _loopback(c.laddr.ip):
+                    outside.append((p.name(), " ".join(p.cmdline())[:60], c.laddr))
+        except psutil.Error:
+            pass
+    assert not outside, outside
 
 
 @pytest.mark.parametrize("model", ["marcoro14-tiny", "mistral-code"])
@@ -67,6 +123,37 @@ def test_streaming_reports_usage(client):
         if chunk.usage:
             usage = chunk.usage
     assert pieces and usage is not None and usage.completion_tokens == len(pieces) or usage.completion_tokens > 0
+
+
+FP8_PROMPTS = ["def add(a, b):", "The quick brown", "import numpy as np\n", "Once upon a time", "class Stack:\n    def"]
+
+
+def test_fp8_served_by_the_plugin_gives_the_tokens_of_its_dequantized_copy(client, served):
+    """The FP8 merge (mergeserve's CPU kernel: --fp8-kernel mergeserve) against the same weights
+    dequantized to a plain bf16 checkpoint: same greedy tokens, first tokens' logprobs close."""
+    fp8, deq = served.fp8_models
+    for prompt in FP8_PROMPTS:
+        a, b = (client.completions.create(model=m, prompt=prompt, max_tokens=16, temperature=0, logprobs=5).choices[0]
+                for m in (fp8, deq))
+        assert a.logprobs.tokens == b.logprobs.tokens, prompt
+        for la, lb in zip(a.logprobs.top_logprobs[:4], b.logprobs.top_logprobs[:4]):
+            for tok in set(la) & set(lb):
+                assert abs(la[tok] - lb[tok]) < 0.05, (prompt, tok, la[tok], lb[tok])
+
+
+def test_the_log_names_the_fp8_kernel(served):
+    """The engine's log says which kernel serves the FP8 layers (Ray's log files of this server)."""
+    import psutil
+
+    session = None
+    for p in psutil.Process(served.proc.pid).children(recursive=True):
+        try:
+            session = next((a.split("=", 1)[1] for a in p.cmdline() if a.startswith("--session_dir=")), session)
+        except psutil.Error:
+            pass
+    assert session, "no Ray session directory found"
+    logs = "".join(f.read_text(errors="replace") for f in Path(session, "logs").glob("**/*") if f.is_file() and f.suffix in (".err", ".out", ".log"))
+    assert "block-FP8 linear layers served by MergeserveCpuFp8BlockKernel" in logs
 
 
 BAD = {
@@ -129,44 +216,54 @@ def test_emit_config_is_a_valid_serve_config(served, tmp_path):
 
     out = tmp_path / "serve.yaml"
     p = subprocess.run(
-        [sys.executable, "-m", "mergeserve.cli", "serve", str(served.checkpoints["bf16"]), "--device", "gpu", "--emit-config", str(out)],
+        [sys.executable, "-m", "mergeserve.cli", "serve", str(served.checkpoints["bf16"]), str(served.checkpoints["code"]),
+         "--name", "a", "--name", "org/b", "--device", "gpu", "--api-key", "the-key", "--emit-config", str(out)],
         capture_output=True, text=True, timeout=120,
     )
     assert p.returncode == 0, p.stderr
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
-    app = schema.applications[0]
-    assert app.import_path == "mergeserve.serve.builder:build_app"
-    cfg = app.args["llm_configs"][0]
-    assert cfg["accelerator_config"]["kind"] == "gpu" and cfg["engine_kwargs"]["max_model_len"] == 4096
-    assert cfg["engine_kwargs"]["trust_remote_code"] is False
+    text = out.read_text()
+    assert "the-key" not in text  # only its salted hash
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    assert [a.route_prefix for a in schema.applications] == ["/_m/a", "/_m/org--b"]
+    for app in schema.applications:
+        assert app.import_path == "mergeserve.serve.builder:build_model_app"
+        cfg = app.args["llm_config"]
+        assert cfg["accelerator_config"]["kind"] == "gpu" and cfg["engine_kwargs"]["max_model_len"] == 4096
+        assert cfg["engine_kwargs"]["trust_remote_code"] is False
+        assert cfg["runtime_env"]["env_vars"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert schema.http_options.host == "127.0.0.1"
+    assert schema.controller_options.runtime_env["env_vars"]["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("mergeserve-haproxy")
+    # the builder turns each entry into a Serve application (what `serve deploy` does with it)
+    from mergeserve.serve.builder import build_model_app
+
+    assert build_model_app(schema.applications[0].args) is not None
 
 
 RESTART_DEADLINE_S = 300  # a replaced replica's engine starts in about a minute here; allow five
 
 
-def _engines(served) -> list:
+def _engine_of(served, model: str):
+    """The VLLM::EngineCore process serving ``model`` (a child of that model's replica)."""
     import psutil
 
-    out = []
     for p in psutil.Process(served.proc.pid).children(recursive=True):
         try:
-            if "EngineCore" in " ".join(p.cmdline()):
-                out.append(p)
+            if "EngineCore" in " ".join(p.cmdline()) and any(model in " ".join(a.cmdline()) for a in p.parents()):
+                return p
         except psutil.Error:
             pass
-    return out
+    raise AssertionError(f"no engine process found for {model}")
 
 
-def test_zz_killed_engine_is_replaced_and_only_in_flight_requests_fail(served):
-    """Runs last (it disturbs the app). SIGKILL one engine process under steady load on both
-    models: Serve must replace the replica and both models must answer again within
-    RESTART_DEADLINE_S; a failed request must have been in flight when the engine died."""
+@pytest.mark.disturbs_app  # run after every other test of the served app (tests/serving_fixtures.py)
+def test_killed_engine_is_replaced_and_only_in_flight_requests_fail(served):
+    """SIGKILL one engine process under steady load on two models: Serve must replace the
+    replica and both models must answer again within RESTART_DEADLINE_S; a failed request must
+    have been in flight when the engine died."""
     import signal
     import threading
 
-    engines = _engines(served)
-    assert len(engines) == 2, engines
+    engines = [_engine_of(served, served.models[0])]
     records, stop = [], threading.Event()
 
     def worker(i):

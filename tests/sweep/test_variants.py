@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from mergeserve.errors import ConfigError
+from mergeserve.merge.options import MergeOptions
 from mergeserve.sweep.spec import parse_spec
 from mergeserve.sweep.variants import apply_axis, batches, check_axes, grid_variants, plan_variants, random_variants
 
@@ -60,7 +61,7 @@ def test_grid_random_and_labels():
 
 def test_identical_variants_are_planned_as_duplicates_and_batched_once(tiny_dir):
     spec = _spec(axes=[{"path": "parameters.t[mlp]", "values": [0.3, [0.3, 0.3], 0.8, 0.6, 0.4]}], batch_size=2)
-    planned = plan_variants(grid_variants(spec, RECIPE), models_dir=tiny_dir, out_dtype=None, seed=0)
+    planned = plan_variants(grid_variants(spec, RECIPE), MergeOptions(models_dir=tiny_dir))
     assert [p.duplicate_of for p in planned] == [None, "v000", None, None, None]
     groups = batches(planned, 2)
     assert [[p.name for p in b] for b in groups] == [["v000", "v002"], ["v003", "v004"]]
@@ -136,7 +137,7 @@ def test_plan_only_lists_variants_and_shared_reads(tmp_path, tiny_dir):
 
 
 def test_every_sweep_in_configs_validates(tiny_dir, tmp_path):
-    from mergeserve.cluster.sweep import prepare
+    from mergeserve.sweep.runner import prepare
 
     specs = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
     assert len(specs) >= 3
@@ -148,5 +149,4 @@ def test_every_sweep_in_configs_validates(tiny_dir, tmp_path):
         data["eval"]["texts"] = {k: str(tiny_dir / "heldout" / Path(v).name) for k, v in data["eval"]["texts"].items()}
         p = tmp_path / path.name
         p.write_text(json.dumps(data))
-        spec, *_ = prepare(p, tmp_path / "out" / path.stem)
-        assert spec.axes
+        assert prepare(p, tmp_path / "out" / path.stem).spec.axes

@@ -11,7 +11,7 @@ as mergekit 0.1.5 does.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

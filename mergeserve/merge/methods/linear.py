@@ -12,7 +12,7 @@ The base model, if any, is just another input here.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

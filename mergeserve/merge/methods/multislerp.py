@@ -12,7 +12,7 @@ base). Runs in the loaded dtype, as mergekit 0.1.5 does.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

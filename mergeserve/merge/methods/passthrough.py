@@ -3,7 +3,7 @@ builds a model with a different number of layers ("frankenmerges")."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -18,14 +18,16 @@ A method may also give ``many``: the same function for several parameter sets ov
 inputs (``many(tensors, base_index, [params, ...]) -> [Tensor, ...]``), each result bit-identical
 to a separate call, for merge sweeps that share work across variants (slerp's norms and angle).
 
-Each method file calls :func:`register` exactly once with a :class:`MethodSpec`; there is no
-second registration path.
+Each method file registers its methods with :func:`register` (a :class:`MethodSpec` each; the
+task-arithmetic family registers its presets in a loop); a name registered twice is an error,
+and there is no second registration path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -140,12 +142,15 @@ class MethodSpec:
         tensors: Sequence[torch.Tensor],
         base_index: int | None,
         param_sets: Sequence[dict[str, Any]],
-        generators: Sequence[torch.Tensor | None] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
     ) -> list[torch.Tensor]:
-        """One result per parameter set; uses ``many`` where the method has one (not random)."""
+        """One result per parameter set; uses ``many`` where the method has one (not random) and
+        there are several sets."""
+        gens = generators or [None] * len(param_sets)
+        if len(param_sets) == 1:
+            return [self(tensors, base_index, generator=gens[0], **param_sets[0])]
         if self.many is not None and not self.random and not self.fixed:
             return self.many(tensors, base_index, list(param_sets))
-        gens = generators or [None] * len(param_sets)
         return [self(tensors, base_index, generator=g, **p) for p, g in zip(param_sets, gens)]
 
 

@@ -17,7 +17,7 @@ mergekit 0.1.5 does, so that rounding agrees with it on large tensors too.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

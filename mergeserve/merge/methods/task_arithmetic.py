@@ -26,7 +26,8 @@ operations, so deterministic presets agree with it bit for bit.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -102,33 +103,43 @@ _COMMON = (
 _GAMMA = Param("gamma", 0.01, per_model=True, description="fraction of largest-magnitude outliers dropped")
 _EPSILON = Param("epsilon", 0.15, per_model=True, description="half-width of DELLA's keep-probability range")
 
-# name: (sparsify, consensus, normalize default, rescale default, paper)
-PRESETS = {
-    "task_arithmetic": (None, False, False, False, "https://arxiv.org/abs/2212.04089"),
-    "ties": ("magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"),
-    "dare_ties": ("bernoulli", True, False, True, "https://arxiv.org/abs/2311.03099"),
-    "dare_linear": ("bernoulli", False, False, True, "https://arxiv.org/abs/2311.03099"),
-    "breadcrumbs": ("magnitude_outliers", False, False, False, "https://arxiv.org/abs/2312.06795"),
-    "breadcrumbs_ties": ("magnitude_outliers", True, False, False, "https://arxiv.org/abs/2312.06795"),
-    "della": ("della_magprune", True, True, True, "https://arxiv.org/abs/2406.11617"),
-    "della_linear": ("della_magprune", False, False, True, "https://arxiv.org/abs/2406.11617"),
-}
+class Preset(NamedTuple):
+    """One method of the task-arithmetic family: how it sparsifies and combines task vectors."""
 
-for _name, (_sparsify, _consensus, _normalize, _rescale, _ref) in PRESETS.items():
-    _extra = {"magnitude_outliers": (_GAMMA,), "della_magprune": (_EPSILON,)}.get(_sparsify, ())
+    sparsify: str | None  # sparsify.py's method, or None to keep every entry
+    consensus: bool  # TIES sign election
+    normalize: bool  # default of the normalize parameter
+    rescale: bool  # default of the rescale parameter
+    paper: str
+
+
+PRESETS = {
+    "task_arithmetic": Preset(None, False, False, False, "https://arxiv.org/abs/2212.04089"),
+    "ties": Preset("magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"),
+    "dare_ties": Preset("bernoulli", True, False, True, "https://arxiv.org/abs/2311.03099"),
+    "dare_linear": Preset("bernoulli", False, False, True, "https://arxiv.org/abs/2311.03099"),
+    "breadcrumbs": Preset("magnitude_outliers", False, False, False, "https://arxiv.org/abs/2312.06795"),
+    "breadcrumbs_ties": Preset("magnitude_outliers", True, False, False, "https://arxiv.org/abs/2312.06795"),
+    "della": Preset("della_magprune", True, True, True, "https://arxiv.org/abs/2406.11617"),
+    "della_linear": Preset("della_magprune", False, False, True, "https://arxiv.org/abs/2406.11617"),
+}
+EXTRA_PARAMS = {"magnitude_outliers": (_GAMMA,), "della_magprune": (_EPSILON,)}  # by sparsify method
+RANDOM_SPARSIFY = ("bernoulli", "della_magprune")
+
+for _name, _p in PRESETS.items():
     register(
         MethodSpec(
             name=_name,
             fn=task_arithmetic,
             params=_COMMON
             + (
-                Param("normalize", _normalize, kind=bool, description="divide by the sum of the kept weights"),
-                Param("rescale", _rescale, kind=bool, description="rescale kept entries to the task vector's L1 norm"),
+                Param("normalize", _p.normalize, kind=bool, description="divide by the sum of the kept weights"),
+                Param("rescale", _p.rescale, kind=bool, description="rescale kept entries to the task vector's L1 norm"),
             )
-            + _extra,
+            + EXTRA_PARAMS.get(_p.sparsify, ()),
             base="required",
-            random=_sparsify in ("bernoulli", "della_magprune"),
-            reference=_ref,
-            fixed={"sparsify": _sparsify, "consensus": _consensus},
+            random=_p.sparsify in RANDOM_SPARSIFY,
+            reference=_p.paper,
+            fixed={"sparsify": _p.sparsify, "consensus": _p.consensus},
         )
     )

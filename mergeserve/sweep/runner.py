@@ -4,7 +4,8 @@
    variant (grid and random searches) before any work: bad axes, empty grids, a budget below 1,
    missing evaluation files and invalid variants (named) fail here, with every problem at once.
 2. Identical variants (equal plans) are merged once; the others are grouped by structure into
-   batches of ``batch_size``. A batch is merged shard by shard on Ray actors: each task reads a
+   batches of ``batch_size``. A batch is merged shard by shard on the cluster's worker pool
+   (:mod:`mergeserve.cluster.pool`, actors of :mod:`mergeserve.sweep.worker`): each task reads a
    shard's source tensors ONCE and computes that shard for every variant of the batch, so each
    source byte is read ceil(variants / batch_size) times instead of once per variant.
 3. ``output: none`` scores each batch in memory on the actor that merged it (nothing written);
@@ -22,11 +23,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mergeserve.errors import ConfigError, OutputExistsError
+from mergeserve.merge.options import AUTO, NO_SHARDING, MergeOptions, auto_shard_size
+from mergeserve.sweep.spec import SweepSpec
+
+if TYPE_CHECKING:
+    from mergeserve.cluster.pool import WorkerPool
 
 
 @dataclass
@@ -34,14 +40,12 @@ class SweepRun:
     """What the driver keeps while a sweep runs."""
 
     out: Path
-    spec: Any
+    spec: SweepSpec
     texts: dict[str, str]
-    shard_size: int
-    eval_opts: dict
+    options: MergeOptions  # how every variant is planned (models_dir, out_dtype, seed, shard size)
     rows: dict[str, dict] = field(default_factory=dict)  # name -> result row
     bytes_read: int = 0
     bytes_naive: int = 0
-    tasks: int = 0
 
     def record(self, row: dict) -> None:
         self.rows[row["name"]] = row
@@ -49,53 +53,22 @@ class SweepRun:
             f.write(json.dumps(row, default=str) + "\n")
 
 
-class _Pool:
-    """Jobs on idle actors; each job is (method name, args, context). Errors name the context."""
+@dataclass(frozen=True)
+class Prepared:
+    """A sweep checked and (grid, random) planned, before any work: see :func:`prepare`."""
 
-    def __init__(self, actors: list):
-        self.idle = list(actors)
-        self.queue: list[tuple[str, tuple, Any]] = []
-        self.running: dict = {}
-
-    def submit(self, method: str, args: tuple, ctx: Any) -> None:
-        self.queue.append((method, args, ctx))
-
-    def _start(self) -> None:
-        while self.idle and self.queue:
-            actor = self.idle.pop()
-            method, args, ctx = self.queue.pop(0)
-            self.running[getattr(actor, method).remote(*args)] = (actor, ctx)
-
-    def next(self) -> tuple[Any, Any]:
-        """(context, result) of the next finished job."""
-        import ray
-
-        self._start()
-        [ref], _ = ray.wait(list(self.running), num_returns=1)
-        actor, ctx = self.running.pop(ref)
-        self.idle.append(actor)
-        try:
-            res = ray.get(ref)
-        except Exception as e:  # noqa: BLE001 - mapped to our error types, naming the job
-            from mergeserve.cluster.driver import _map_ray_error
-
-            raise _map_ray_error(e, str(ctx)) from None
-        self._start()
-        return ctx, res
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.queue or self.running)
+    spec: SweepSpec
+    root: Path  # the spec's directory, which its relative paths start from
+    recipe: dict
+    texts: dict[str, str]  # evaluation texts by name
+    options: MergeOptions  # how every variant is planned
+    planned: list | None  # PlannedVariants; None for adaptive search (chosen while running)
 
 
-def prepare(spec_path: str | Path, out_dir: str | Path, *, models_dir: str | None = None, resume: bool = False):
-    """Every check that needs no Ray; returns (spec, root, recipe, texts, models_dir, planned or None)."""
-    from mergeserve.eval.perplexity import read_texts
-    from mergeserve.sweep.spec import load_spec
-    from mergeserve.sweep.variants import check_axes, grid_variants, load_recipe, plan_variants, random_variants
+def _problems(spec: SweepSpec, root: Path, recipe: dict) -> tuple[list[str], dict[str, Path]]:
+    """What is wrong with the spec before planning, and its evaluation text files by name."""
+    from mergeserve.sweep.variants import check_axes
 
-    spec, root = load_spec(spec_path)
-    recipe = load_recipe(spec, root)
     problems = check_axes(spec, recipe)
     files = {k: (Path(v) if Path(v).is_absolute() else root / v) for k, v in spec.eval.texts.items()}
     for k, f in files.items():
@@ -108,28 +81,39 @@ def prepare(spec_path: str | Path, out_dir: str | Path, *, models_dir: str | Non
     obj = spec.search.objective
     if obj != "mean" and obj not in files:
         problems.append(f"search.objective: {obj!r} is not one of eval.texts ({', '.join(files) or 'none'}) or 'mean'")
+    return problems, files
+
+
+def prepare(spec_path: str | Path, out_dir: str | Path, *, models_dir: str | None = None, resume: bool = False) -> Prepared:
+    """Every check that needs no Ray; the grid or random variants planned."""
+    from mergeserve.eval.perplexity import read_texts
+    from mergeserve.sweep.spec import load_spec
+    from mergeserve.sweep.variants import grid_variants, load_recipe, make_variant, plan_variants, random_variants
+
+    spec, root = load_spec(spec_path)
+    recipe = load_recipe(spec, root)
+    problems, files = _problems(spec, root, recipe)
     if problems:
         raise ConfigError.from_problems(list(dict.fromkeys(problems)), str(spec_path))
     texts = read_texts(files)
-    mdir = models_dir or (str(Path(spec.models_dir) if Path(spec.models_dir).is_absolute() else root / spec.models_dir) if spec.models_dir else None)
+    if models_dir is None and spec.models_dir:
+        models_dir = str(Path(spec.models_dir) if Path(spec.models_dir).is_absolute() else root / spec.models_dir)
     out = Path(out_dir)
     if not resume and (out / "results.jsonl").exists():
         raise OutputExistsError(f"{out} holds an earlier sweep's results: pass --resume to continue it, or choose another OUT_DIR")
-    od = None if spec.output == "none" else spec.output
-    planned = None
-    from mergeserve.sweep.variants import make_variant
-
+    options = MergeOptions(models_dir=models_dir, out_dtype=None if spec.output == "none" else spec.output, seed=spec.seed)
     ends = [[(ax.values[0] if ax.values else ax.low) for ax in spec.axes], [(ax.values[-1] if ax.values else ax.high) for ax in spec.axes]]
     # adaptive search: both ends of every range are checked before any work
-    probe = plan_variants([make_variant(i, recipe, spec.axes, v) for i, v in enumerate(ends)], models_dir=mdir, out_dtype=od,
-                          seed=spec.seed, shard_size=10**15)
-    shard = spec.out_shard_size
-    if shard == "auto":  # enough shards for every CPU to write one, two each, whole layers, <= 5 GB
-        shard = max(1, min(5_000_000_000, probe[0].plan.bytes_written // (2 * (os.cpu_count() or 1))))
+    probe = plan_variants([make_variant(i, recipe, spec.axes, v) for i, v in enumerate(ends)], replace(options, out_shard_size=NO_SHARDING))
+    shard: int | str = spec.out_shard_size
+    if shard == AUTO:  # enough shards for every CPU to write one, two each
+        shard = auto_shard_size(probe[0].plan.bytes_written, 2 * (os.cpu_count() or 1))
+    options = replace(options, out_shard_size=shard)
+    planned = None
     if spec.search.kind in ("grid", "random"):
         variants = grid_variants(spec, recipe) if spec.search.kind == "grid" else random_variants(spec, recipe)
-        planned = plan_variants(variants, models_dir=mdir, out_dtype=od, seed=spec.seed, shard_size=shard)
-    return spec, root, recipe, texts, mdir, planned, shard
+        planned = plan_variants(variants, options)
+    return Prepared(spec, root, recipe, texts, options, planned)
 
 
 def run_sweep(
@@ -144,64 +128,71 @@ def run_sweep(
     progress: bool = True,
 ) -> dict:
     """Run a sweep; returns the summary written to ``OUT/results.json``."""
+    from mergeserve.cluster.pool import check_worker_count
+
     t0 = time.perf_counter()
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers: must be at least 1, got {workers}")
+    check_worker_count(workers)
     if serve_top < 0:
         raise ConfigError(f"--serve-top: must be at least 0, got {serve_top}")
-    spec, root, recipe, texts, mdir, planned, shard = prepare(spec_path, out_dir, models_dir=models_dir, resume=resume)
+    prep = prepare(spec_path, out_dir, models_dir=models_dir, resume=resume)
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    run = SweepRun(out, spec, texts, shard, {"max_length": spec.eval.max_length, "max_tokens": spec.eval.max_tokens,
-                                      "backend": spec.eval.backend, "lm_eval_tasks": spec.eval.lm_eval_tasks})
-    done = _load_done(out) if resume else {}
-    import ray
-    from tqdm import tqdm
-
-    from mergeserve.cluster.driver import cluster_workers, connect
-    from mergeserve.cluster.sweep_worker import SweepWorker
-
-    own = connect(address)
-    actors: list = []
-    try:
-        n, resources, dev = cluster_workers(workers)
-        actors = [SweepWorker.options(max_restarts=-1, max_task_retries=3, **resources).remote(dev) for _ in range(n)]
-        pool = _Pool(actors)
-        total = len(planned) if planned is not None else (spec.search.budget or 0)
-        with tqdm(total=total, desc="variants", unit="variant", position=0, disable=not progress, dynamic_ncols=True) as vbar, \
-             tqdm(desc="shards", unit="shard", position=1, disable=not progress, dynamic_ncols=True, leave=False) as sbar:
-            if planned is not None:
-                _run_variants(run, pool, planned, done, vbar, sbar)
-            else:
-                _run_adaptive(run, pool, recipe, mdir, done, vbar, sbar)
-        top = _top(run, serve_top, mdir)
-        if top and spec.output == "none":  # the winners were scored in memory: write them now
-            from mergeserve.sweep.variants import batches
-
-            read = run.bytes_read  # not part of the sweep's own reads
-            _write_checkpoints(run, pool, batches(top, len(top)), sbar=None)
-            run.bytes_read = read
-    finally:
-        for a in actors:
-            ray.kill(a)
-        if own:
-            ray.shutdown()
-    axes = [ax.label for ax in spec.axes]
-    rows = list(run.rows.values())
-    summary_extra = {
-        "bytes_read": run.bytes_read, "bytes_read_naive": run.bytes_naive,
-        "read_ratio": round(run.bytes_read / run.bytes_naive, 4) if run.bytes_naive else None,
-        "seconds": round(time.perf_counter() - t0, 2), "output": spec.output,
-    }
-    from mergeserve.sweep.results import table, write_report
-
-    summary = write_report(out, rows, axes, summary_extra)
-    summary["table"] = table(rows, axes)
+    run = SweepRun(out, prep.spec, prep.texts, prep.options)
+    top = _execute(run, prep, _load_done(out) if resume else {}, address, workers, serve_top, progress)
+    summary = _report(run, time.perf_counter() - t0)
     if serve_top:
         from mergeserve.sweep.serve_top import serve_and_loadtest
 
         chosen = {pv.name: run.rows[pv.name]["checkpoint"] for pv in top}
         summary["loadtest"] = serve_and_loadtest(chosen, out / "loadtest", progress=progress)
+    return summary
+
+
+def _execute(run: SweepRun, prep: Prepared, done: dict, address: str | None, workers: int | None, serve_top: int,
+             progress: bool) -> list:
+    """Merge and score every variant on the cluster's worker pool; returns the top ``serve_top``
+    variants, written."""
+    from tqdm import tqdm
+
+    from mergeserve.cluster.pool import WorkerPool
+    from mergeserve.cluster.session import ray_session
+    from mergeserve.sweep.worker import SweepWorker
+
+    with ray_session(address):
+        pool = WorkerPool.for_cluster(SweepWorker, workers)
+        try:
+            total = len(prep.planned) if prep.planned is not None else (run.spec.search.budget or 0)
+            with tqdm(total=total, desc="variants", unit="variant", position=0, disable=not progress, dynamic_ncols=True) as vbar, \
+                 tqdm(desc="shards", unit="shard", position=1, disable=not progress, dynamic_ncols=True, leave=False) as sbar:
+                if prep.planned is not None:
+                    _run_variants(run, pool, prep.planned, done, vbar, sbar)
+                else:
+                    _run_adaptive(run, pool, prep.recipe, done, vbar, sbar)
+            top = _top(run, serve_top)
+            if top and run.spec.output == "none":  # the winners were scored in memory: write them now
+                from mergeserve.sweep.variants import batches
+
+                read = run.bytes_read  # not part of the sweep's own reads
+                _write_checkpoints(run, pool, batches(top, len(top)), sbar=None)
+                run.bytes_read = read
+            return top
+        finally:
+            pool.shutdown()
+
+
+def _report(run: SweepRun, seconds: float) -> dict:
+    """results.csv, results.json and the plots; the summary, with the terminal table."""
+    from mergeserve.sweep.results import table, write_report
+
+    axes = [ax.label for ax in run.spec.axes]
+    rows = list(run.rows.values())
+    summary_extra = {
+        "bytes_read": run.bytes_read, "bytes_read_naive": run.bytes_naive,
+        "read_ratio": round(run.bytes_read / run.bytes_naive, 4) if run.bytes_naive else None,
+        "seconds": round(seconds, 2), "output": run.spec.output,
+    }
+    summary = write_report(run.out, rows, axes, summary_extra)
+    summary["table"] = table(rows, axes)
     return summary
 
 
@@ -220,13 +211,18 @@ def _load_done(out: Path) -> dict[str, dict]:
     return done
 
 
+def _names(batch: list) -> str:
+    """A batch's variants in an error message: v003, or v003-v010."""
+    return batch[0].name if len(batch) == 1 else f"{batch[0].name}-{batch[-1].name}"
+
+
 def _row(pv, scores: dict | None, checkpoint: str | None, extra: dict | None = None) -> dict:
     from mergeserve.sweep.variants import variant_record
 
     return {**variant_record(pv), "scores": scores, "checkpoint": checkpoint, **(extra or {})}
 
 
-def _run_variants(run: SweepRun, pool: _Pool, planned: list, done: dict, vbar, sbar) -> None:
+def _run_variants(run: SweepRun, pool: WorkerPool, planned: list, done: dict, vbar, sbar) -> None:
     """Merge (and score) every planned variant not finished before; record duplicates too."""
     from mergeserve.sweep.variants import batches
 
@@ -242,7 +238,7 @@ def _run_variants(run: SweepRun, pool: _Pool, planned: list, done: dict, vbar, s
     groups = batches(todo, run.spec.batch_size)
     if run.spec.output == "none":
         for b in groups:
-            pool.submit("merge_score", ([pv.plan for pv in b], run.texts, run.eval_opts), ("batch", b))
+            pool.submit("merge_score", ([pv.plan for pv in b], run.texts, run.spec.eval), ("batch", b), f"batch {_names(b)}")
         sbar.reset(total=sum(len(b[0].plan.shards) for b in groups))
         while pool.busy:
             (_, b), (scores, read) = pool.next()
@@ -260,20 +256,20 @@ def _run_variants(run: SweepRun, pool: _Pool, planned: list, done: dict, vbar, s
             vbar.update(1)
 
 
-def _write_checkpoints(run: SweepRun, pool: _Pool, groups: list, sbar, vbar=None, score: bool = False) -> None:
+def _write_checkpoints(run: SweepRun, pool: WorkerPool, groups: list, sbar, vbar=None, score: bool = False) -> None:
     """Merge batches to OUT/variants/NAME shard by shard; score each checkpoint once committed."""
-    from mergeserve.cluster.sweep_worker import checkpoint_dir
     from mergeserve.merge.outputs import write_metadata
     from mergeserve.merge.writer import StagingDir
 
     stages, results, left = {}, {}, {}
     for b in groups:
         for pv in b:
-            stages[pv.name] = StagingDir(checkpoint_dir(run.out, pv.name), overwrite=True)
+            stages[pv.name] = StagingDir(run.out / "variants" / pv.name, overwrite=True)
             results[pv.name], left[pv.name] = [], len(pv.plan.shards)
         for k in range(len(b[0].plan.shards)):
+            filename = b[0].plan.shards[k].filename
             pool.submit("merge_shard", ([pv.plan for pv in b], k, [str(stages[pv.name].path) for pv in b]),
-                        ("shard", b, k, b[0].plan.shards[k].filename))
+                        ("shard", b), f"shard {filename} of batch {_names(b)}")
     if sbar is not None:
         sbar.reset(total=sum(len(b[0].plan.shards) for b in groups))
     try:
@@ -285,7 +281,7 @@ def _write_checkpoints(run: SweepRun, pool: _Pool, groups: list, sbar, vbar=None
                 if vbar is not None:
                     vbar.update(1)
                 continue
-            _, b, _, _ = ctx
+            _, b = ctx
             shard_results, read = res
             run.bytes_read += read
             if sbar is not None:
@@ -297,7 +293,7 @@ def _write_checkpoints(run: SweepRun, pool: _Pool, groups: list, sbar, vbar=None
                     write_metadata(stages[pv.name].path, pv.config, pv.recipe_text, pv.plan, results[pv.name], seconds=0.0)
                     path = str(stages[pv.name].commit())
                     if score:
-                        pool.submit("score_dir", (path, run.texts, run.eval_opts), ("score", pv, path))
+                        pool.submit("score_dir", (path, run.texts, run.spec.eval), ("score", pv, path), f"variant {pv.name}")
                     else:
                         prev = run.rows.get(pv.name, {})
                         run.record({**_row(pv, prev.get("scores"), path), "lm_eval": prev.get("lm_eval")})
@@ -310,19 +306,18 @@ def _write_checkpoints(run: SweepRun, pool: _Pool, groups: list, sbar, vbar=None
         raise
 
 
-def _run_adaptive(run: SweepRun, pool: _Pool, recipe: dict, mdir, done: dict, vbar, sbar) -> None:
+def _run_adaptive(run: SweepRun, pool: WorkerPool, recipe: dict, done: dict, vbar, sbar) -> None:
     from mergeserve.sweep.search import AdaptiveSearch, objective_value
     from mergeserve.sweep.variants import make_variant, plan_variants
 
     spec = run.spec
     search = AdaptiveSearch(spec)
-    od = None if spec.output == "none" else spec.output
     index, known = 0, {}
     while not search.done:
         asked = search.ask(spec.batch_size)
         variants = [make_variant(index + i, recipe, spec.axes, vals) for i, (_, vals) in enumerate(asked)]
         index += len(asked)
-        planned = plan_variants(variants, models_dir=mdir, out_dtype=od, seed=spec.seed, known=known, shard_size=run.shard_size)
+        planned = plan_variants(variants, run.options, known=known)
         for pv in planned:
             known.setdefault(pv.content, pv.name)
         _run_variants(run, pool, planned, done, vbar, sbar)
@@ -330,7 +325,7 @@ def _run_adaptive(run: SweepRun, pool: _Pool, recipe: dict, mdir, done: dict, vb
             search.tell(trial, objective_value(spec, run.rows[pv.name]["scores"]))
 
 
-def _top(run: SweepRun, k: int, mdir) -> list:
+def _top(run: SweepRun, k: int) -> list:
     """The best ``k`` distinct scored variants by the search objective, planned again."""
     if k <= 0:
         return []
@@ -340,6 +335,5 @@ def _top(run: SweepRun, k: int, mdir) -> list:
     rows = [r for r in rank(list(run.rows.values()), run.spec.search.objective) if not r.get("duplicate_of") and r.get("scores")]
     if len(rows) < k:
         raise ConfigError(f"--serve-top {k}: the sweep has only {len(rows)} distinct scored variants")
-    od = None if run.spec.output == "none" else run.spec.output
     variants = [Variant(r["name"], tuple(r["values"].items()), r["recipe"]) for r in rows[:k]]
-    return plan_variants(variants, models_dir=mdir, out_dtype=od, seed=run.spec.seed, shard_size=run.shard_size)
+    return plan_variants(variants, run.options)

@@ -12,42 +12,23 @@ of the same inputs and tokenizes the evaluation texts once. Its tasks:
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-import ray
+from mergeserve.cluster.actors import Worker
+from mergeserve.sweep.spec import Eval
 
 
 def _bytes_read(plan, shard_index: int) -> int:
     return plan.shards[shard_index].bytes_read
 
 
-class SweepWorkerImpl:
-    """The actor's logic as a plain class (also runnable in-process, which tests use)."""
+class SweepWorker(Worker):
+    """Merges and scores batches of variants (also runnable in-process, outside Ray)."""
 
     def __init__(self, device: str = "cpu"):
-        from mergeserve.merge import execute
-
-        execute.tune_malloc()
-        self.device = device
-        self._sources = None
-        self._models: tuple | None = None
+        super().__init__(device)
         self._texts: dict[tuple, list] = {}
-        try:
-            self.name = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
-        except Exception:  # noqa: BLE001 - not inside Ray
-            self.name = f"local:{os.getpid()}"
-
-    def _sources_for(self, plan):
-        from mergeserve.merge.execute import SourceCache
-
-        if self._models != plan.models:
-            if self._sources is not None:
-                self._sources.close()
-            self._sources = SourceCache(plan.models)
-            self._models = plan.models
-        return self._sources
 
     def _tokenized(self, tokenizer_dir: str, texts: dict[str, str], max_length: int, max_tokens: int | None) -> list:
         from mergeserve.eval.perplexity import load_tokenizer, tokenize_texts
@@ -61,15 +42,15 @@ class SweepWorkerImpl:
         """Shard ``shard_index`` of each plan, written under ``out_dirs``; (ShardResults, bytes read)."""
         from mergeserve.merge.multi import run_shard_many
 
-        res = run_shard_many(plans, shard_index, out_dirs, sources=self._sources_for(plans[0]), device=self.device, worker=self.name)
+        res = run_shard_many(plans, shard_index, out_dirs, sources=self.sources_for(plans[0]), device=self.device, worker=self.name)
         return res, _bytes_read(plans[0], shard_index)
 
-    def merge_score(self, plans: Sequence[Any], texts: dict[str, str], eval_opts: dict) -> tuple[list[dict], int]:
+    def merge_score(self, plans: Sequence[Any], texts: dict[str, str], evaluation: Eval) -> tuple[list[dict], int]:
         """Every shard of each plan in memory, then each variant scored; (scores per plan, bytes read)."""
         from mergeserve.eval.perplexity import model_from_tensors, score_model
         from mergeserve.merge.multi import run_shard_many
 
-        sources = self._sources_for(plans[0])
+        sources = self.sources_for(plans[0])
         tensors: list[dict] = [{} for _ in plans]
         read = 0
         for k in range(len(plans[0].shards)):
@@ -77,7 +58,7 @@ class SweepWorkerImpl:
                 acc.update(part)
             read += _bytes_read(plans[0], k)
         tok_dir = plans[0].models[plans[0].donor].path
-        tokenized = self._tokenized(tok_dir, texts, eval_opts["max_length"], eval_opts["max_tokens"])
+        tokenized = self._tokenized(tok_dir, texts, evaluation.max_length, evaluation.max_tokens)
         scores = []
         for plan, ts in zip(plans, tensors):
             model = model_from_tensors(plan.out_config, ts).to(self.device)
@@ -85,10 +66,10 @@ class SweepWorkerImpl:
             del model
         return scores, read
 
-    def score_dir(self, model_dir: str, texts: dict[str, str], eval_opts: dict) -> dict:
+    def score_dir(self, model_dir: str, texts: dict[str, str], evaluation: Eval) -> dict:
         """{"scores": {text: score}, "lm_eval": {...}?} of a written checkpoint (transformers or vLLM)."""
-        tokenized = self._tokenized(model_dir, texts, eval_opts["max_length"], eval_opts["max_tokens"])
-        if eval_opts.get("backend") == "vllm":
+        tokenized = self._tokenized(model_dir, texts, evaluation.max_length, evaluation.max_tokens)
+        if evaluation.backend == "vllm":
             from mergeserve.eval.vllm_backend import score_checkpoint_vllm
 
             got = score_checkpoint_vllm(model_dir, tokenized, device=self.device)
@@ -97,19 +78,9 @@ class SweepWorkerImpl:
 
             got = score_checkpoint(model_dir, tokenized, device=self.device)
         out: dict = {"scores": {k: v.as_dict() for k, v in got.items()}}
-        if eval_opts.get("lm_eval_tasks"):
+        if evaluation.lm_eval_tasks:
             from mergeserve.eval.harness import run_lm_eval
 
-            out["lm_eval"] = run_lm_eval(model_dir, eval_opts["lm_eval_tasks"], device=self.device)
+            out["lm_eval"] = run_lm_eval(model_dir, evaluation.lm_eval_tasks, device=self.device)
         return out
 
-    def close(self) -> None:
-        if self._sources is not None:
-            self._sources.close()
-
-
-SweepWorker = ray.remote(SweepWorkerImpl)
-
-
-def checkpoint_dir(out: Path, name: str) -> Path:
-    return out / "variants" / name

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from mergeserve.cluster.sweep import run_sweep
 from mergeserve.errors import OutputExistsError
 from mergeserve.eval.perplexity import load_tokenizer, score_checkpoint, tokenize_texts
 from mergeserve.merge.api import merge
+from mergeserve.sweep.runner import run_sweep
 from tests.oracle import load_tensors
 
 pytestmark = pytest.mark.slow
