@@ -71,19 +71,19 @@ def _cmd_merge(a: argparse.Namespace) -> int:
 
 
 def _merge_stages(a: argparse.Namespace, graph, options) -> int:
-    from mergeserve.merge.stage_run import check_stages, local_runner, merge_stages
-
-    if a.local or a.plan_only:
-        runner = local_runner(options)
-    else:
-        from mergeserve.cluster.stages import ray_runner
-
-        runner = ray_runner(options)
     if a.plan_only:
-        check_stages(graph, runner)
-        print(graph.describe())
+        from mergeserve.merge.stage_run import describe_stages
+
+        print(describe_stages(graph, options))
         return 0
-    result = merge_stages(graph, a.out, runner, options)
+    if a.local:
+        from mergeserve.merge.stage_run import merge_stages
+
+        result = merge_stages(graph, a.out, options)
+    else:
+        from mergeserve.cluster.stages import merge_stages_distributed
+
+        result = merge_stages_distributed(graph, a.out, options)
     print(result.summary())
     return 0
 
@@ -95,12 +95,11 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 
     graph = load_stages(a.config)
     if graph is not None:
-        from mergeserve.merge.stage_run import check_stages, local_runner
+        from mergeserve.merge.options import MergeOptions
+        from mergeserve.merge.stage_run import check_stages
 
         if not a.schema_only:
-            from mergeserve.merge.options import MergeOptions
-
-            check_stages(graph, local_runner(MergeOptions(models_dir=a.models_dir, out_dtype=a.out_dtype)))
+            check_stages(graph, MergeOptions(models_dir=a.models_dir, out_dtype=a.out_dtype))
         print(f"{a.config}: valid multi-stage recipe ({len(graph.stages)} stages, final {graph.final})")
         return 0
     if a.schema_only:

@@ -15,6 +15,10 @@ Flow (``mergeserve merge CONFIG OUT [--address ...] [--workers N] [--resume]``):
 4. The driver writes index, config, tokenizer, card and manifest, then renames the staging
    directory into place. ``--resume`` reuses the staging directory of an interrupted run: it
    refuses if the recipe or any input changed, verifies finished shards by sha256, redoes the rest.
+
+A multi-stage recipe (:mod:`~mergeserve.cluster.stages`) runs its stages through the same
+dispatcher: :func:`prepare_batch` makes a run of stages that share their reads, :func:`dispatch`
+keeps several runs going on one pool, and :func:`finish_run` commits each stage.
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ linking to a private key is refused, not copied into the checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mergeserve import __version__
@@ -20,11 +21,12 @@ from mergeserve.errors import ConfigError, InputError
 from mergeserve.merge.config import MergeConfig
 from mergeserve.merge.executor import ShardResult
 from mergeserve.merge.plan import MergePlan
-from mergeserve.merge.reader import fingerprint
+from mergeserve.merge.reader import fingerprint, read_header
 from mergeserve.merge.untrusted import model_file
 from mergeserve.merge.vocab import TOKENIZER_FILES, build_tokenizer, load_tokenizer
 
 MANIFEST = "mergeserve_manifest.json"
+HASH_CHUNK = 64 << 20  # bytes hashed at a time when verifying a shard (memory stays flat)
 
 # Built-in chat templates, selectable by name as in mergekit (`chat_template: chatml`).
 BUILTIN_TEMPLATES = {
@@ -148,6 +150,32 @@ def write_metadata(
         },
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def verify_tensors(path: Path, expected: Iterable[tuple[str, Sequence[int], str]]) -> bool:
+    """Whether the safetensors file ``path`` holds each ``(name, shape, sha256)`` of ``expected``
+    (a finished shard checked before it is reused: ``--resume``)."""
+    try:
+        header = read_header(path)
+        with open(path, "rb") as f:
+            for name, shape, sha in expected:
+                info = header.get(name)
+                if info is None or list(info.shape) != list(shape):
+                    return False
+                f.seek(info.start)
+                h = hashlib.sha256()
+                left = info.nbytes
+                while left:
+                    chunk = f.read(min(left, HASH_CHUNK))
+                    if not chunk:
+                        return False
+                    h.update(chunk)
+                    left -= len(chunk)
+                if h.hexdigest() != sha:
+                    return False
+    except (OSError, InputError):
+        return False  # an unreadable shard is merged again
+    return True
 
 
 def model_card(config: MergeConfig, recipe_text: str, plan: MergePlan, name: str) -> str:
