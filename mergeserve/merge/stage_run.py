@@ -115,14 +115,19 @@ def check_stages(graph: StageGraph, options: MergeOptions) -> dict[str, PlannedS
     """Plan every stage that reads only models (not other stages): their problems (models,
     shapes, parameters, adapters, vocabularies) surface before any work, all at once. Stages
     reading other stages are planned when their inputs exist. Returns the plans, by stage."""
+    return check_queued([QueuedStage(s.name, stage_config(s, {}), s.deps, Path()) for s in graph.stages], options)
+
+
+def check_queued(stages: Sequence[QueuedStage], options: MergeOptions) -> dict[str, PlannedStage]:
+    """:func:`check_stages` for queued stages: those without ``deps`` planned, every problem at once."""
     o = stage_options(options)
     problems: list[str] = []
     planned = {}
-    for s in graph.stages:
+    for s in stages:
         if s.deps:
             continue
         try:
-            planned[s.name] = _planned(s.name, stage_config(s, {}), Path(), o)
+            planned[s.name] = _planned(s.name, s.config, s.dest, o)
         except ConfigError as e:
             problems += [f"stage {s.name}: {p}" for p in e.problems]
         except MergeServeError as e:
