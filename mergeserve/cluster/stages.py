@@ -35,9 +35,11 @@ def merge_stages_distributed(graph: StageGraph, out_dir: str | Path, options: Me
     from mergeserve.cluster.actors import MergeWorker
     from mergeserve.cluster.pool import WorkerPool, check_worker_count
     from mergeserve.cluster.session import ray_session
+    from mergeserve.merge.api import check_device
     from mergeserve.merge.stage_run import StageRun
 
     check_worker_count(options.workers)
+    check_device(options.device)
     run = StageRun(graph, out_dir, options)
     jobs = _Jobs(run.queue)
     try:
