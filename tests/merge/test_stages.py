@@ -183,3 +183,14 @@ def test_resume_reuses_verified_stages_and_redoes_the_rest(random_models, tmp_pa
     assert not (tmp_path / "out" / "stages").exists()
     got, want = load_tensors(tmp_path / "out"), load_tensors(fresh.out_dir)
     assert sorted(got) == sorted(want) and all(got[k].equal(want[k]) for k in got)
+
+
+def test_a_multi_document_recipe_is_read_within_the_yaml_budget(tmp_path, capsys):
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    p = tmp_path / "multi.yaml"
+    p.write_text(_text(DOCS[:1]) + "---\n" + laughs)
+    code = main(["merge", str(p), str(tmp_path / "out"), "--local"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "expands to more than 100,000 nodes" in err, err
+    assert not list(tmp_path.glob("*out*"))
