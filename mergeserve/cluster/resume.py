@@ -9,7 +9,6 @@ against its record, and returns the shards that need no redoing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -17,8 +16,8 @@ from pathlib import Path
 
 from mergeserve.errors import ResumeError
 from mergeserve.merge.executor import ShardResult
+from mergeserve.merge.outputs import verify_tensors
 from mergeserve.merge.plan import MergePlan
-from mergeserve.merge.reader import read_header
 from mergeserve.merge.writer import tmp_path
 
 RUN_STATE = ".mergeserve-run.json"
@@ -50,27 +49,7 @@ def clear_run_state(stage: Path, plan: MergePlan) -> None:
 
 
 def _verify(path: Path, rec: ShardResult) -> bool:
-    try:
-        header = read_header(path)
-    except Exception:  # noqa: BLE001 - any unreadable shard is simply redone
-        return False
-    with open(path, "rb") as f:
-        for t in rec.tensors:
-            info = header.get(t.name)
-            if info is None or list(info.shape) != list(t.shape):
-                return False
-            f.seek(info.start)
-            h = hashlib.sha256()
-            left = info.nbytes
-            while left:
-                chunk = f.read(min(left, 64 << 20))
-                if not chunk:
-                    return False
-                h.update(chunk)
-                left -= len(chunk)
-            if h.hexdigest() != t.sha256:
-                return False
-    return True
+    return verify_tensors(path, [(t.name, t.shape, t.sha256) for t in rec.tensors])
 
 
 def _read_state(path: Path) -> dict:

@@ -2,11 +2,11 @@
 
 A whole shard (:func:`run_shard`: ``mergeserve merge --local``), a part of a shard (a Ray actor or
 the driver's helper thread, :func:`mergeserve.cluster.parts.run_part`) and a shard of every
-variant of a sweep batch (:func:`mergeserve.merge.multi.run_shard_many`) all run through
+plan of a batch (:func:`mergeserve.merge.multi.run_shard_many`) all run through
 :meth:`Executor.run`, so their tensors are equal bit for bit.
 
 The executor walks *positions* in plan order: position ``i`` is one output tensor, given as one
-:class:`~mergeserve.merge.plan.TensorTask` per variant (all with the same sources), computed by
+:class:`~mergeserve.merge.plan.TensorTask` per variant (one output layout), computed by
 :func:`~mergeserve.merge.execute.compute_position`. Up to ``threads`` positions are computed at
 once (each torch op single-threaded, see :func:`~mergeserve.merge.execute.deterministic_threads`),
 and their tensors are handed in plan order to one :class:`Sink` per variant: a file writer (which

@@ -36,7 +36,8 @@ class MergeOptions:
     progress: bool = True  # show a progress bar
     address: str | None = None  # distributed: Ray cluster to join ('auto', host:port); None starts a local Ray
     workers: int | None = None  # distributed: merge actors (default: one per GPU, else per CPU)
-    resume: bool = False  # distributed: finish an interrupted run, verifying finished shards
+    resume: bool = False  # finish an interrupted run, verifying finished shards (distributed) or stages (multi-stage)
+    keep_intermediates: bool = False  # multi-stage recipes: keep each stage's checkpoint as OUT/stages/NAME
 
     @classmethod
     def of(cls, options: MergeOptions | None = None, **changes) -> MergeOptions:
