@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge models from a mergekit-format YAML recipe")
-    p.add_argument("config", help="recipe YAML (mergekit format)")
+    p.add_argument("config", help="recipe YAML (mergekit format; several documents: a mergekit-multi recipe)")
     p.add_argument("out", help="output directory (appears atomically when the merge succeeds)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the tensor math (default cpu)")
     p.add_argument("--out-shard-size", default=DEFAULT_SHARD_SIZE, help="max bytes per output shard, e.g. 5B, 500M (default 5B)")
@@ -35,7 +35,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--local", action="store_true", help="merge in this process, without Ray (the default without --address)")
     p.add_argument("--workers", type=int, help="merge threads in this process, or Ray actors (default: one per CPU; on Ray one per GPU if any)")
-    p.add_argument("--resume", action="store_true", help="finish an interrupted run, verifying finished shards and the input bytes they read")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run, verifying finished shards and their inputs (or finished stages)")
+    p.add_argument("--keep-intermediates", action="store_true", help="multi-stage recipes: keep each stage's checkpoint as OUT/stages/NAME")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -45,12 +46,17 @@ def _merge_options(a: argparse.Namespace):
     return MergeOptions(
         device=a.device, out_shard_size=a.out_shard_size, out_dtype=a.out_dtype, models_dir=a.models_dir,
         allow_pickle=a.allow_pickle, seed=a.seed, overwrite=a.overwrite, progress=not a.quiet,
-        address=a.address, workers=a.workers, resume=a.resume,
+        address=a.address, workers=a.workers, resume=a.resume, keep_intermediates=a.keep_intermediates,
     )
 
 
 def _cmd_merge(a: argparse.Namespace) -> int:
+    from mergeserve.merge.stages import load_stages
+
     options = _merge_options(a)
+    graph = load_stages(a.config)
+    if graph is not None:
+        return _merge_stages(a, graph, options)
     if a.plan_only:
         from mergeserve.merge.api import plan_merge
 
@@ -70,10 +76,42 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_stages(a: argparse.Namespace, graph, options) -> int:
+    if a.plan_only:
+        from mergeserve.merge.stage_run import describe_stages
+
+        print(describe_stages(graph, options))
+        return 0
+    from mergeserve.merge.api import wants_ray
+
+    if a.local and a.address is not None:
+        raise ConfigError("--local and --address exclude each other (--local: merge in this process; --address: on Ray)")
+    if a.local or not wants_ray(options):
+        from mergeserve.merge.stage_run import merge_stages
+
+        result = merge_stages(graph, a.out, options)
+    else:
+        from mergeserve.cluster.stages import merge_stages_distributed
+
+        result = merge_stages_distributed(graph, a.out, options)
+    print(result.summary())
+    return 0
+
+
 def _cmd_validate(a: argparse.Namespace) -> int:
     from mergeserve.merge.api import plan_merge
     from mergeserve.merge.config import load_config
+    from mergeserve.merge.stages import load_stages
 
+    graph = load_stages(a.config)
+    if graph is not None:
+        from mergeserve.merge.options import MergeOptions
+        from mergeserve.merge.stage_run import check_stages
+
+        if not a.schema_only:
+            check_stages(graph, MergeOptions(models_dir=a.models_dir, out_dtype=a.out_dtype))
+        print(f"{a.config}: valid multi-stage recipe ({len(graph.stages)} stages, final {graph.final})")
+        return 0
     if a.schema_only:
         load_config(a.config)
         print(f"{a.config}: valid recipe (schema only)")

@@ -17,14 +17,22 @@ Layout under ``OUT``: ``tokenizer/``, ``heldout/{code,prose}.txt`` and ``{arch}-
 directories: config.json, model.safetensors in bf16, tokenizer files, generation_config.json).
 ``family.json`` records the build settings; a build with the same settings is reused, and the
 family appears atomically (built in a sibling directory, then renamed).
+
+:func:`build_chatml_member` adds, on demand, ``{arch}-chatml``: the base with the ChatML pair
+(``<|im_start|>``, ``<|im_end|>``) added to its tokenizer, embeddings and lm_head grown by two rows
+and briefly trained on ChatML-formatted text (seconds). It is keyed separately (``chatml.json``),
+so the other members' settings and bytes do not change. The tests merge it with its base to
+exercise vocabulary unions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import math
+import os
 import shutil
 import sysconfig
 from pathlib import Path
@@ -153,28 +161,39 @@ def _paths(out: Path, archs) -> dict[str, dict[str, Path]]:
     return {a: {r: out / f"{a}-{r}" for r in ROLES} for a in archs}
 
 
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """One builder of the family at ``target`` (members included) at a time across processes
+    (concurrent test sessions share the cache); the others wait, then find it built."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _recorded(meta: Path, key: str) -> bool:
+    try:
+        return json.loads(meta.read_text()).get("key") == key
+    except (OSError, ValueError):
+        return False  # missing or unreadable record: build
+
+
 def build_tiny_family(out, archs=ARCHS, force: bool = False, progress: bool = True) -> dict[str, dict[str, Path]]:
     """Build (or reuse) the family under ``out``; returns ``{arch: {"base"|"code"|"prose": Path}}``."""
     out = Path(out).absolute()
     archs = tuple(archs)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Concurrent builders (test sessions, the demo) share one staging directory: the lock makes
     # the later ones wait and then reuse what the first built.
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not force and _built(out, archs):
+    with _build_lock(out):
+        if not force and _recorded(out / "family.json", _key(archs)):
             return _paths(out, archs)
-        return _build(out, archs, progress)
+        return _build_family(out, archs, progress)
 
 
-def _built(out: Path, archs: tuple[str, ...]) -> bool:
-    try:
-        return json.loads((out / "family.json").read_text()).get("key") == _key(archs)
-    except (OSError, ValueError):  # absent or unreadable record: rebuild
-        return False
-
-
-def _build(out: Path, archs: tuple[str, ...], progress: bool) -> dict[str, dict[str, Path]]:
+def _build_family(out: Path, archs: tuple[str, ...], progress: bool) -> dict[str, dict[str, Path]]:
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -218,6 +237,85 @@ def _build(out: Path, archs: tuple[str, ...], progress: bool) -> dict[str, dict[
     finally:
         torch.set_num_threads(threads)
     return _paths(out, archs)
+
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_SETTINGS = {"version": 1, "steps": 8, "turn_chars": 160, "text_chars": 40_000, "init_noise": 0.02, "seed": 77}
+
+
+def _chatml_text(prose: str) -> str:
+    """Prose cut into user/assistant turns in ChatML markup (training text for the new tokens)."""
+    n, turns = CHATML_SETTINGS["turn_chars"], []
+    text = prose[: CHATML_SETTINGS["text_chars"]]
+    for k, i in enumerate(range(0, len(text), n)):
+        role = "user" if k % 2 == 0 else "assistant"
+        turns.append(f"{CHATML_TOKENS[0]}{role}\n{text[i : i + n]}{CHATML_TOKENS[1]}\n")
+    return "".join(turns)
+
+
+def build_chatml_member(family_dir, arch: str = "mistral", force: bool = False) -> Path:
+    """Build (or reuse) ``{arch}-chatml`` next to the family's ``{arch}-base``; returns its path.
+
+    The base's tokenizer gains the ChatML pair as special tokens (ids 4096, 4097) and the ChatML
+    chat template; embed_tokens (and lm_head unless tied) gain two rows, each the mean of the
+    existing rows plus seeded noise (so the two differ); then a short fine-tune on ChatML-formatted
+    prose. Deterministic given the base.
+    """
+    family = Path(family_dir).absolute()
+    base, out = family / f"{arch}-base", family / f"{arch}-chatml"
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: build the tiny family first (build_tiny_family)")
+    key = hashlib.sha256(json.dumps([CHATML_SETTINGS, SETTINGS, arch], sort_keys=True).encode()).hexdigest()[:16]
+    meta = out / "chatml.json"
+    if not force and _recorded(meta, key):
+        return out
+    with _build_lock(family):  # the family's lock: a rebuild of the family replaces this directory too
+        if not force and _recorded(meta, key):
+            return out
+        stage = family / f".{out.name}.building"
+        shutil.rmtree(stage, ignore_errors=True)
+        try:
+            _build_chatml(base, stage)
+            (stage / "chatml.json").write_text(json.dumps({"key": key, "settings": CHATML_SETTINGS, "from": base.name}, indent=2))
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(stage, out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    return out
+
+
+def _build_chatml(base: Path, stage: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    threads = torch.get_num_threads()
+    try:
+        torch.manual_seed(CHATML_SETTINGS["seed"])
+        tok = AutoTokenizer.from_pretrained(base)
+        tok.add_special_tokens({"additional_special_tokens": list(CHATML_TOKENS)})
+        tok.chat_template = CHATML_TEMPLATE
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        old = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        gen = torch.Generator().manual_seed(CHATML_SETTINGS["seed"])
+        with torch.no_grad():
+            for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+                noise = torch.randn(layer.weight[old:].shape, generator=gen) * CHATML_SETTINGS["init_noise"]
+                layer.weight[old:] = layer.weight[:old].mean(dim=0) + noise
+        train, _ = _split(_corpora()["prose"], SETTINGS["heldout_fraction"])
+        ids = torch.tensor(tok(_chatml_text(train), verbose=False)["input_ids"], dtype=torch.long)
+        _train(model, [ids], CHATML_SETTINGS["steps"], seed=CHATML_SETTINGS["seed"])
+        _save(model, tok, stage)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def heldout_texts(out) -> dict[str, list[str]]:

@@ -71,3 +71,33 @@ def test_second_build_is_cached(tiny_family, tiny_dir):
     again = build_tiny_family(tiny_dir, progress=False)
     assert again == tiny_family
     assert {p: p.stat().st_mtime_ns for p in tiny_dir.rglob("*.safetensors")} == before
+
+
+# The family's cache key as it was before the ChatML member existed: adding members on demand
+# must not change it, or every cached family would be rebuilt (with new bytes).
+FAMILY_KEY = "c158fcafd6fd2699"
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_chatml_member_adds_the_pair_and_keeps_the_family(tiny_family, tiny_dir, arch):
+    from transformers import AutoTokenizer
+
+    from mergeserve.tiny_models import ARCHS, CHATML_TOKENS, _key, build_chatml_member
+
+    assert _key(ARCHS) == FAMILY_KEY
+    d = build_chatml_member(tiny_dir, arch)
+    stamp = (d / "model.safetensors").stat().st_mtime_ns
+    assert build_chatml_member(tiny_dir, arch) == d and (d / "model.safetensors").stat().st_mtime_ns == stamp  # cached
+    tok = AutoTokenizer.from_pretrained(d)
+    assert len(tok) == 4098 and tok.convert_tokens_to_ids(list(CHATML_TOKENS)) == [4096, 4097]
+    ids = tok("<|im_start|>user\nhi<|im_end|>")["input_ids"]
+    assert ids[0] == 4096 and ids[-1] == 4097
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with safe_open(d / "model.safetensors", "pt") as f, safe_open(tiny_family[arch]["base"] / "model.safetensors", "pt") as b:
+        emb = f.get_tensor("model.embed_tokens.weight")
+        assert emb.shape == (4098, 256) and not emb[4096].equal(emb[4097])
+        assert ("lm_head.weight" in f.keys()) == (arch != "qwen2")
+        k = "model.layers.1.mlp.up_proj.weight"
+        assert not f.get_tensor(k).equal(b.get_tensor(k))  # fine-tuned, not only grown
+    assert json.loads((d / "config.json").read_text())["vocab_size"] == 4098

@@ -10,6 +10,7 @@ per-tensor seeds), a part retried after its actor died rewrites the same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -30,7 +31,8 @@ class Worker:
         return self.name
 
     def sources_for(self, plan: Any) -> Any:
-        """A SourceCache of ``plan``'s inputs, reused while tasks read the same models."""
+        """A SourceCache of ``plan``'s inputs (a MergePlan's or a Batch's), reused while tasks read
+        the same models."""
         from mergeserve.merge.execute import SourceCache
 
         if self._sources is None or not self._sources.serves(plan):
@@ -45,9 +47,9 @@ class Worker:
 
 
 class MergeWorker(Worker):
-    def run_part(self, plan: Any, part: Any, out_dir: str) -> Any:
-        """Merge ``part`` (a cluster.parts.Part) of ``plan`` (a MergePlan) into its shard's file in
-        ``out_dir``; returns its PartResult."""
+    def run_part(self, batch: Any, part: Any, out_dirs: Sequence[str]) -> Any:
+        """Merge ``part`` (a cluster.parts.Part) of every plan of ``batch`` (a merge.multi.Batch)
+        into its shard's file in that plan's directory of ``out_dirs``; returns its PartResult."""
         from mergeserve.cluster.parts import run_part
 
-        return run_part(plan, part, out_dir, sources=self.sources_for(plan), device=self.device, worker=self.name)
+        return run_part(batch, part, out_dirs, sources=self.sources_for(batch), device=self.device, worker=self.name)

@@ -21,6 +21,10 @@ address the merge runs in one process, :func:`mergeserve.merge.api.merge`):
 
 Each worker reads its parts' sources ahead of its math (:mod:`mergeserve.merge.readahead`), so the
 same read pipeline runs on every node.
+
+A multi-stage recipe (:mod:`~mergeserve.cluster.stages`) runs its stages through the same
+dispatcher: :func:`prepare_batch` makes a run of stages that share their reads, :func:`dispatch`
+keeps several runs going on one pool, and :func:`finish_run` commits each stage.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,15 +95,40 @@ def merge_distributed(config: Any, out_dir: str | Path, options: MergeOptions | 
 
 
 @dataclass
-class _Run:
-    """What the merge needs once planned: see :func:`_prepare_run`."""
+class Output:
+    """One checkpoint a run writes: its recipe, plan and staging directory."""
 
     cfg: Any
     text: str
     plan: Any
-    stage: Any
-    done: dict  # shard index -> ShardResult reused from an interrupted run
+    stage: Any  # the StagingDir
+
+
+@dataclass
+class Run:
+    """What a merge needs once planned: see :func:`_prepare_run` (one recipe) and
+    :func:`prepare_batch` (several, sharing their reads)."""
+
+    outputs: list[Output]
+    batch: Any  # the merge.multi.Batch of the outputs' plans
+    done: dict  # shard index -> ShardResult reused from an interrupted run (one recipe only)
     work: Any  # the PartQueue
+    name: str = ""  # names the run in errors (a multi-stage recipe's stages)
+    parts: list = field(default_factory=list)  # PartResults merged
+    asm: Any = None  # the ShardAssembler, once dispatched
+
+    @property
+    def dirs(self) -> list[str]:
+        return [str(o.stage.path) for o in self.outputs]
+
+    @property
+    def bytes_read(self) -> int:
+        """Source bytes the run's parts read (each distinct source tensor once per position)."""
+        return self.asm.bytes_read if self.asm is not None else 0
+
+    def label(self, part: Any) -> str:
+        where = f"shard {self.batch.shards[part.shard].filename}"
+        return f"{self.name}: {where}" if self.name else where
 
 
 class _Preparation:
@@ -113,7 +143,7 @@ class _Preparation:
     def __init__(self, *args: Any):
         self._decided = threading.Event()
         self._helpers = False
-        self._run: _Run | None = None
+        self._run: Run | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._prepare, args=args, name="mergeserve-plan", daemon=True)
         self._thread.start()
@@ -123,7 +153,7 @@ class _Preparation:
             self._run = _prepare_run(*args)
             self._decided.wait()
             if self._helpers:
-                self._run.work.start_helpers(self._run.plan, str(self._run.stage.path))
+                self._run.work.start_helpers(self._run.batch, self._run.dirs)
         except BaseException as e:  # noqa: BLE001 - re-raised by result()
             self._error = e
 
@@ -132,7 +162,7 @@ class _Preparation:
             self._helpers = helpers
             self._decided.set()
 
-    def result(self) -> _Run:
+    def result(self) -> Run:
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -144,7 +174,7 @@ class _Preparation:
         from mergeserve.merge.resume import abandon
 
         if self._run is not None:
-            abandon(self._run.stage)
+            abandon(self._run.outputs[0].stage)
 
     def stop(self) -> None:
         """Wait for the planning thread, then for the helpers' parts in progress."""
@@ -154,12 +184,13 @@ class _Preparation:
             self._run.work.stop_helpers(wait=True)
 
 
-def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> _Run:
+def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> Run:
     """Everything before the first tensor: plan, staging directory, resume check, parts, shard files."""
     from mergeserve.cluster.parts import prepare_shard, split_parts
     from mergeserve.cluster.work import PartQueue
     from mergeserve.merge.api import check_device, plan_merge, protected_inputs
     from mergeserve.merge.execute import SourceCache
+    from mergeserve.merge.multi import Batch
     from mergeserve.merge.options import AUTO
     from mergeserve.merge.resume import abandon, load_done_shards, write_run_state
     from mergeserve.merge.writer import StagingDir
@@ -187,7 +218,7 @@ def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> _Run:
     except BaseException:
         abandon(stage)
         raise
-    return _Run(cfg, text, plan, stage, done, PartQueue(parts))
+    return Run([Output(cfg, text, plan, stage)], Batch.of([plan]), done, PartQueue(parts))
 
 
 def _where(embedded: bool, address: str | None, pool: WorkerPool) -> str:
@@ -198,86 +229,142 @@ def _where(embedded: bool, address: str | None, pool: WorkerPool) -> str:
     return f"on a Ray started on this machine: {workers}" if embedded else f"on the Ray cluster at {address or 'this driver'}: {workers}"
 
 
-def _run(run: _Run, pool: WorkerPool, progress: bool, t0: float, where: str) -> MergeResult:
-    from mergeserve.merge.api import MergeResult, progress_bar
+def prepare_batch(planned: list[tuple[Any, str, Any, Path]], o: MergeOptions, name: str = "") -> Run:
+    """A run merging several recipes of one output layout together (see merge.multi.Batch):
+    ``planned`` holds (config, recipe text, plan, output directory) each; every output gets a
+    fresh staging directory and its shard files. Nothing is left behind if this fails."""
+    from mergeserve.cluster.parts import prepare_shard, split_parts
+    from mergeserve.cluster.work import PartQueue
+    from mergeserve.merge.api import protected_inputs
+    from mergeserve.merge.multi import Batch
+    from mergeserve.merge.writer import StagingDir
+
+    batch = Batch.of([plan for _, _, plan, _ in planned])
+    outputs: list[Output] = []
+    try:
+        for cfg, text, plan, out_dir in planned:
+            stage = StagingDir(out_dir, protect=protected_inputs(plan, o.models_dir))
+            outputs.append(Output(cfg, text, plan, stage))
+            for s in plan.shards:
+                prepare_shard(stage.path, s)
+    except BaseException:
+        for out in outputs:
+            out.stage.discard()
+        raise
+    return Run(outputs, batch, {}, PartQueue(split_parts(batch.shards, max(o.workers or 0, os.cpu_count() or 1))), name)
+
+
+def _run(run: Run, pool: WorkerPool, progress: bool, t0: float, where: str) -> MergeResult:
+    from mergeserve.merge.api import progress_bar
+    from mergeserve.merge.resume import kept_for_resume
+
+    out = run.outputs[0]
+    with kept_for_resume(out.stage):
+        try:
+            with progress_bar(out.plan, progress) as bar:
+                bar.update(sum(r.bytes_written for r in run.done.values()))
+                if run.work.parts:
+                    dispatch([run], pool, bar)
+            (result,) = finish_run(run, t0, where)
+            return result
+        finally:
+            run.work.stop_helpers(wait=True)  # nothing may write into the staging directory after this
+
+
+def finish_run(run: Run, t0: float, where: str = "") -> list[MergeResult]:
+    """Write each output's index, config, tokenizer, card and manifest, and commit it."""
+    from mergeserve.merge.api import MergeResult
     from mergeserve.merge.memory import peak_rss_bytes
     from mergeserve.merge.outputs import write_metadata
     from mergeserve.merge.phases import summed
-    from mergeserve.merge.resume import clear_run_state, kept_for_resume
+    from mergeserve.merge.resume import clear_run_state
 
-    plan, stage, work = run.plan, run.stage, run.work
-    results = list(run.done.values())
-    parts = []
-    with kept_for_resume(stage):
-        try:
-            with progress_bar(plan, progress) as bar:
-                bar.update(sum(r.bytes_written for r in results))
-                if work.parts:
-                    shard_results, parts = _dispatch(plan, work, pool, str(stage.path), bar)
-                    results += shard_results
-            write_metadata(stage.path, run.cfg, run.text, plan, results, seconds=time.perf_counter() - t0)
-            clear_run_state(stage.path, plan)
-            out = stage.commit()
-        finally:
-            work.stop_helpers(wait=True)  # nothing may write into the staging directory after this
     workers_rss: dict[str, int] = {}
-    for r in parts:
+    for r in run.parts:
         if r.worker != "driver":
             workers_rss[r.worker] = max(workers_rss.get(r.worker, 0), r.peak_rss)
-    local = [r for r in parts if r.worker == "driver"]
-    return MergeResult(
-        out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), workers_rss, len(run.done),
-        driver_parts=len(local), driver_bytes=sum(r.part.bytes_written for r in local), parts=len(parts),
-        where=where, cpu=summed(r.cpu for r in parts), read_wait=sum(r.read_wait for r in parts),
-    )
+    local = [r for r in run.parts if r.worker == "driver"]
+    results = []
+    for k, o in enumerate(run.outputs):
+        merged = run.asm.results[k] if run.asm is not None else []
+        shards = sorted([*run.done.values(), *merged], key=lambda r: r.index)
+        write_metadata(o.stage.path, o.cfg, o.text, o.plan, shards, seconds=time.perf_counter() - t0)
+        clear_run_state(o.stage.path, o.plan)
+        results.append(MergeResult(
+            o.stage.commit(), o.plan, shards, time.perf_counter() - t0, peak_rss_bytes(), workers_rss, len(run.done),
+            driver_parts=len(local), driver_bytes=sum(r.part.bytes_written for r in local), parts=len(run.parts),
+            where=where, cpu=summed(r.cpu for r in run.parts), read_wait=sum(r.read_wait for r in run.parts),
+        ))
+    return results
 
 
-def _dispatch(plan, work, pool: WorkerPool, out_dir: str, bar) -> tuple[list, list]:
-    """Run the parts on the pool's actors (each one part at a time) and, until the actors are
-    ready, on the driver's helper threads; returns (ShardResults, PartResults).
+def dispatch(runs: list[Run], pool: WorkerPool, bar, on_done: Callable[[Run], list[Run]] | None = None) -> None:
+    """Run the parts of ``runs`` on the pool's actors (each one part at a time) and, until the
+    actors are ready, on the driver's helper threads (of a run that started them).
 
-    Each part's shard is named in any failure. Ray retries a task whose actor died on the
-    restarted actor (see cluster.pool); what still fails is raised here.
+    Parts are taken from the runs in the order they started, so runs that do not depend on each
+    other (the independent stages of a multi-stage recipe) share the actors. A run whose last
+    part is in is handed to ``on_done``, which returns the runs to start next. Each part's shard
+    is named in any failure. Ray retries a task whose actor died on the restarted actor (see
+    cluster.pool); what still fails is raised here.
     """
     import ray
 
     from mergeserve.cluster.parts import ShardAssembler
     from mergeserve.cluster.pool import map_ray_error
 
-    asm = ShardAssembler(plan, work.parts, out_dir)
-    plan_ref = ray.put(plan)
+    active: list[Run] = []
+    refs: dict[int, Any] = {}
+
+    def start(new: list[Run]) -> None:
+        for run in new:
+            run.asm = ShardAssembler(run.batch, run.work.parts, run.dirs)
+            refs[id(run)] = ray.put(run.batch)
+            active.append(run)
+
+    def finished(run: Run, res) -> None:
+        run.parts.append(res)
+        bar.update(res.part.bytes_written * len(run.outputs))
+        run.asm.add(res)
+
+    def take() -> tuple[Run, Any] | None:
+        for run in active:
+            if (part := run.work.take()) is not None:
+                return run, part
+        return None
+
+    start(runs)
     # While the driver's helpers merge, an actor gets parts only once it has started (a part
     # queued behind an actor's start-up is one the helpers could have done). Otherwise every actor
     # gets its first part at once, so that parts spread over the cluster's nodes from the start.
-    if work.helpers_busy:
+    if any(r.work.helpers_busy for r in active):
         pool.hold_until_ready()
-    parts = []
-
-    def finished(res) -> None:
-        parts.append(res)
-        bar.update(res.part.bytes_written)
-        asm.add(res)
-
-    def label(part) -> str:
-        return f"shard {plan.shards[part.shard].filename}"
-
-    while not asm.done:
-        for part, res in work.finished():  # parts the driver's helpers finished
-            if isinstance(res, BaseException):
-                raise map_ray_error(res, label(part)) from None
-            finished(res)
-        if asm.done:
+    while active:
+        for run in active:
+            for part, res in run.work.finished():  # parts the driver's helpers finished
+                if isinstance(res, BaseException):
+                    raise map_ray_error(res, run.label(part)) from None
+                finished(run, res)
+        for run in [r for r in active if r.asm.done]:
+            active.remove(run)
+            refs.pop(id(run))
+            if on_done is not None:
+                start(on_done(run))
+        if not active:
             break
-        while pool.idle and (part := work.take()) is not None:
-            pool.submit("run_part", (plan_ref, part, out_dir), part, label(part))
+        while pool.idle and (item := take()) is not None:
+            run, part = item
+            pool.submit("run_part", (refs[id(run)], part, run.dirs), (run, part), run.label(part))
+        helpers = any(r.work.helpers_busy for r in active)
         if not pool.busy:
-            if not work.helpers_busy and work.events.empty():
+            if not helpers and all(r.work.events.empty() for r in active):
                 raise ResourceError("merge stalled: no merge worker is running and parts are left")
             time.sleep(0.02)
             continue
-        got = pool.next(timeout=0.02 if work.helpers_busy else None)
+        got = pool.next(timeout=0.02 if helpers else None)
         if not pool.starting:
-            work.stop_helpers()  # every actor is up: they take the remaining parts
+            for r in active:
+                r.work.stop_helpers()  # every actor is up: they take the remaining parts
         if got is not None:
-            finished(got[1])
-    return asm.results, parts
+            (run, _), res = got
+            finished(run, res)

@@ -10,6 +10,10 @@ the shard's record (tensor digests, and the digest of the sources its parts read
 ``--resume``: a record on disk still implies a complete shard, and an interrupted shard is redone
 whole. A retried part (its actor was killed)
 rewrites the same bytes: every tensor is a deterministic function of the plan.
+
+A part belongs to a :class:`~mergeserve.merge.multi.Batch`: one plan, or several plans of one
+output layout (independent stages of a multi-stage recipe) whose tensors are merged position by
+position from one read of their sources, each plan's into its own directory.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from pathlib import Path
 from mergeserve.merge.execute import SourceCache
 from mergeserve.merge.executor import Executor, ShardResult, TensorRecord, sources_digest, tensor_records
 from mergeserve.merge.memory import peak_rss_bytes
+from mergeserve.merge.multi import Batch, position_bytes
 from mergeserve.merge.phases import summed
-from mergeserve.merge.plan import MergePlan, ShardTask
+from mergeserve.merge.plan import ShardTask
 from mergeserve.merge.readahead import Key
 from mergeserve.merge.resume import write_done_record
 from mergeserve.merge.writer import ShardLayout, SlotWriter, create_sized, tmp_path
@@ -46,11 +51,12 @@ class Part:
 @dataclass(frozen=True)
 class PartResult:
     part: Part
-    tensors: tuple[TensorRecord, ...]
+    tensors: tuple[tuple[TensorRecord, ...], ...]  # per plan of the batch
     seconds: float
     peak_rss: int  # bytes, of the process that merged it
     worker: str
-    digests: dict[Key, str] = field(default_factory=dict)  # of each source tensor it read
+    bytes_read: int = 0  # source bytes read: each distinct source tensor once
+    digests: dict[Key, str] = field(default_factory=dict)  # of each source tensor it read (numbered in the batch's models)
     cpu: dict[str, float] = field(default_factory=dict)  # CPU-seconds by phase
     read_wait: float = 0.0  # seconds its merge thread waited for reads
 
@@ -77,66 +83,88 @@ def prepare_shard(out_dir: str | Path, shard: ShardTask) -> None:
 
 
 def run_part(
-    plan: MergePlan, part: Part, out_dir: str | Path, *, sources: SourceCache, device: str = "cpu", worker: str = "local",
-    should_stop: Callable[[], bool] | None = None,
+    batch: Batch, part: Part, out_dirs: Sequence[str | Path], *, sources: SourceCache, device: str = "cpu",
+    worker: str = "local", should_stop: Callable[[], bool] | None = None,
 ) -> PartResult:
-    """Merge the tensors of ``part`` and write them into their shard's ``.tmp`` file.
+    """Merge the tensors of ``part`` for every plan of ``batch`` and write them into each plan's
+    shard ``.tmp`` file (plan ``k``'s in ``out_dirs[k]``); ``sources`` reads the batch's models.
 
     ``should_stop`` is asked after each tensor: if it says so, the result covers only the tensors
     done so far (``result.part.stop`` is then smaller than ``part.stop``) and the caller hands the
     rest to someone else.
     """
     t0 = time.perf_counter()
-    shard = plan.shards[part.shard]
-    tasks = shard.tensors[part.start : part.stop]
-    first = sum(len(t.outputs()) for t in shard.tensors[: part.start])
+    layout = batch.shards[part.shard]
+    tasks = layout.tensors[part.start : part.stop]
+    first = sum(len(t.outputs()) for t in layout.tensors[: part.start])
     count = sum(len(t.outputs()) for t in tasks)
-    slots = ShardLayout(shard.outputs()).tensors[first : first + count]
-    writer = SlotWriter(tmp_path(Path(out_dir) / shard.filename), slots)
-    outcome = Executor(sources, device).run([plan.method], [(t,) for t in tasks], [writer], label=shard.filename, should_stop=should_stop)
+    slots = ShardLayout(layout.outputs()).tensors[first : first + count]
+    positions = batch.positions(part.shard, part.start, part.stop)
+    writers = []
+    try:
+        for d in out_dirs:
+            writers.append(SlotWriter(tmp_path(Path(d) / layout.filename), slots))
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    outcome = Executor(sources, device).run(batch.methods, positions, writers, label=layout.filename, should_stop=should_stop)
     done = outcome.done
     if done < len(tasks):
         part = Part(part.shard, part.start, part.start + done, sum(t.bytes_out for t in tasks[:done]))
-    records = tensor_records([e for t in tasks[:done] for e in t.outputs()], outcome.hashes[0])
-    return PartResult(part, records, time.perf_counter() - t0, peak_rss_bytes(), worker, outcome.digests, outcome.cpu, outcome.read_wait)
+    entries = [e for t in tasks[:done] for e in t.outputs()]
+    read = sum(position_bytes(sources, p) for p in positions[:done])
+    return PartResult(
+        part, tuple(tensor_records(entries, h) for h in outcome.hashes), time.perf_counter() - t0, peak_rss_bytes(), worker,
+        read, outcome.digests, outcome.cpu, outcome.read_wait,
+    )
 
 
 class ShardAssembler:
-    """Collects finished parts; completes a shard (rename, then record) once all its parts are in."""
+    """Collects finished parts; completes a shard (rename, then record) for every plan of the
+    batch once all its parts are in."""
 
-    def __init__(self, plan: MergePlan, parts: Sequence[Part], out_dir: str | Path):
-        self.plan = plan
-        self.out_dir = Path(out_dir)
+    def __init__(self, batch: Batch, parts: Sequence[Part], out_dirs: Sequence[str | Path]):
+        self.batch = batch
+        self.out_dirs = [Path(d) for d in out_dirs]
         self._missing: dict[int, set[int]] = {}  # shard -> indices of tensors not merged yet
         for p in parts:
             self._missing.setdefault(p.shard, set()).update(range(p.start, p.stop))
         self._got: dict[int, list[PartResult]] = {}
-        self.results: list[ShardResult] = []
+        self.results: list[list[ShardResult]] = [[] for _ in batch.plans]  # per plan
+        self.bytes_read = 0
 
-    def add(self, res: PartResult) -> ShardResult | None:
-        """Record ``res``; returns the shard's ShardResult if this was its last part."""
+    def add(self, res: PartResult) -> list[ShardResult] | None:
+        """Record ``res``; returns the shard's ShardResult per plan if this was its last part."""
         p = res.part
         missing = self._missing[p.shard]
         if not missing.issuperset(range(p.start, p.stop)):
             raise RuntimeError(f"part {p} reported twice")  # a bug in the dispatcher, not user input
         missing.difference_update(range(p.start, p.stop))
         self._got.setdefault(p.shard, []).append(res)
+        self.bytes_read += res.bytes_read
         if missing:
             return None
-        shard = self.plan.shards[p.shard]
         got = sorted(self._got.pop(p.shard), key=lambda r: r.part.start)
-        final = self.out_dir / shard.filename
-        os.replace(tmp_path(final), final)
-        workers = sorted({r.worker for r in got})
-        result = ShardResult(
-            shard.index, shard.filename, tuple(t for r in got for t in r.tensors), shard.bytes_read, shard.bytes_written,
-            sum(r.seconds for r in got), max(r.peak_rss for r in got), ",".join(workers),
-            sources_digest(self.plan.models, {k: d for r in got for k, d in r.digests.items()}), summed(r.cpu for r in got),
-            sum(r.read_wait for r in got),
-        )
-        write_done_record(self.out_dir, result)
-        self.results.append(result)
-        return result
+        workers = ",".join(sorted({r.worker for r in got}))
+        seconds, rss = sum(r.seconds for r in got), max(r.peak_rss for r in got)
+        digests = {key: d for r in got for key, d in r.digests.items()}
+        cpu, read_wait = summed(r.cpu for r in got), sum(r.read_wait for r in got)
+        done = []
+        for k, (plan, out_dir) in enumerate(zip(self.batch.plans, self.out_dirs)):
+            shard = plan.shards[p.shard]
+            final = out_dir / shard.filename
+            os.replace(tmp_path(final), final)
+            records = tuple(t for r in got for t in r.tensors[k])
+            own = sources_digest(plan.models, self.batch.plan_digests(k, shard.tensors, digests))
+            result = ShardResult(
+                shard.index, shard.filename, records, shard.bytes_read, shard.bytes_written, seconds, rss, workers, own,
+                cpu if k == 0 else {}, read_wait if k == 0 else 0.0,  # the work was done once, for the whole batch
+            )
+            write_done_record(out_dir, result)
+            self.results[k].append(result)
+            done.append(result)
+        return done
 
     @property
     def done(self) -> bool:

@@ -57,11 +57,12 @@ class PartQueue:
         with self._lock:
             self._queue.appendleft(part)
 
-    def start_helpers(self, plan: Any, out_dir: str, threads: int | None = None) -> None:
-        """Merge parts on ``threads`` driver threads (default: one per CPU) until :meth:`stop_helpers`."""
+    def start_helpers(self, batch: Any, out_dirs: Sequence[str], threads: int | None = None) -> None:
+        """Merge parts of ``batch`` (a merge.multi.Batch) on ``threads`` driver threads (default:
+        one per CPU) until :meth:`stop_helpers`."""
         from mergeserve.merge.execute import SourceCache
 
-        sources = SourceCache(plan)
+        sources = SourceCache(batch)
         left = [threads or os.cpu_count() or 1]
 
         def helper() -> None:
@@ -69,7 +70,7 @@ class PartQueue:
                 while (part := self._take_local()) is not None:
                     try:
                         res: PartResult | BaseException = run_part(
-                            plan, part, out_dir, sources=sources, worker="driver", should_stop=self._stopped
+                            batch, part, out_dirs, sources=sources, worker="driver", should_stop=self._stopped
                         )
                     except BaseException as e:  # noqa: BLE001 - handed to the dispatcher
                         res = e

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,56 @@ def wants_ray(options: MergeOptions) -> bool:
 
         return torch.cuda.device_count() > 1
     return False
+
+
+def merge_together(
+    planned: Sequence[tuple[MergeConfig, str, MergePlan, str | Path]], options: MergeOptions
+) -> tuple[list[MergeResult], int]:
+    """Merge planned recipes of one output layout together in this process, each source tensor
+    read once per position for all of them (see :class:`~mergeserve.merge.multi.Batch`).
+
+    ``planned`` holds (config, recipe text, plan, output directory) each; every output appears
+    atomically, and none is left behind on failure. Returns each output's result and the source
+    bytes read (the plans one by one read the sum of their ``bytes_read``).
+    """
+    from mergeserve.merge.executor import sources_for
+    from mergeserve.merge.multi import Batch, run_shard_many
+
+    t0 = time.perf_counter()
+    o = options
+    check_device(o.device)
+    threads = (os.cpu_count() or 1) if o.device == "cpu" else 2
+    batch = Batch.of([plan for _, _, plan, _ in planned])
+    read = 0
+
+    def count(n: int) -> None:
+        nonlocal read
+        read += n
+
+    stages: list[StagingDir] = []
+    try:
+        for _, _, plan, out_dir in planned:
+            stages.append(StagingDir(out_dir, protect=protected_inputs(plan, o.models_dir)))
+        shards: list[list[ShardResult]] = [[] for _ in planned]
+        with sources_for(batch, None) as sources, progress_bar(batch.plans[0], o.progress) as bar:
+            bar.total *= len(planned)
+            for k, layout in enumerate(batch.shards):
+                got = run_shard_many(
+                    batch, k, [s.path for s in stages], sources=sources, device=o.device, threads=threads,
+                    on_position=count,
+                )
+                for acc, r in zip(shards, got):
+                    acc.append(r)
+                bar.update(layout.bytes_written * len(planned))
+        for (cfg, text, plan, _), stage, done in zip(planned, stages, shards):
+            write_metadata(stage.path, cfg, text, plan, done, seconds=time.perf_counter() - t0)
+        outs = [stage.commit() for stage in stages]
+    except BaseException:
+        for stage in stages:
+            stage.discard()
+        raise
+    seconds = time.perf_counter() - t0
+    return [MergeResult(out, p, done, seconds, peak_rss_bytes()) for out, (_, _, p, _), done in zip(outs, planned, shards)], read
 
 
 def protected_inputs(plan: MergePlan, models_dir: str | Path | None) -> list[Path]:

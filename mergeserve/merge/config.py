@@ -10,11 +10,12 @@ need the method registry or the input models' files are the planner's (:mod:`mer
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from mergeserve.errors import ConfigError
 
@@ -126,8 +127,39 @@ class OutputSlice(_Strict):
         return self
 
 
+class ModelTokenSource(_Strict):
+    """``{kind: model_token, model, token | token_id}``: a row of one model's embedding."""
+
+    kind: Literal["model_token"]
+    model: ModelRef = Field(description="The model whose row is taken")
+    token_id: int | None = Field(None, description="Row index in that model (its own vocabulary)")
+    token: str | None = Field(None, description="Token whose row is taken, in that model's vocabulary")
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroSource(_Strict):
+    kind: Literal["zero"]
+
+
+def _source_tag(value: Any) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return {"model_token": "ModelTokenSource", "zero": "ZeroSource"}.get(kind, "ModelRef")
+
+
+# Dispatched on `kind`, so a mistake is reported against the kind the user meant, not every branch.
+TokenSource = Annotated[
+    Annotated[ModelTokenSource, Tag("ModelTokenSource")] | Annotated[ZeroSource, Tag("ZeroSource")] | Annotated[ModelRef, Tag("ModelRef")],
+    Discriminator(_source_tag),
+]
+
+
 class TokenEmbedding(_Strict):
-    source: Any = Field(None, description="Where the new token's embedding comes from")
+    source: TokenSource | None = Field(None, description="A model, {kind: model_token, ...} or {kind: zero}")
     force: bool = Field(False, description="Override an existing embedding")
 
 
@@ -197,7 +229,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif part in ("function-after[_shape()]",) or "function-" in str(part) or str(part).startswith(
-            ("union[", "list[", "tuple[", "bool", "int", "float", "str", "FilteredValue", "ModelRef", "literal")
+            ("union[", "list[", "tuple[", "bool", "int", "float", "str", "FilteredValue", "ModelRef", "literal",
+             "ModelTokenSource", "ZeroSource")
         ):
             continue  # pydantic's union-branch labels: noise for a user
         else:
@@ -288,24 +321,57 @@ def _expanded_size(root: yaml.Node, source: str) -> int:
     return size[id(root)]
 
 
-def load_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` with a budget: at most MAX_RECIPE_BYTES of text and MAX_YAML_NODES nodes
-    after alias expansion, checked on the composed node graph before any Python object is built."""
-    if len(text) > MAX_RECIPE_BYTES:
-        raise ConfigError(f"{source}: larger than {MAX_RECIPE_BYTES:,} characters")
-    loader = yaml.SafeLoader(text)
+@contextmanager
+def _yaml_errors(source: str):
+    """YAML syntax errors and runaway nesting as one ConfigError naming ``source``."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node, source)
-        return loader.construct_document(node)
+        yield
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
     except RecursionError:
         raise ConfigError(f"{source}: the YAML is nested too deeply") from None
+
+
+def _check_length(text: str, source: str) -> None:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_RECIPE_BYTES:,} characters")
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with a budget: at most MAX_RECIPE_BYTES of text and MAX_YAML_NODES nodes
+    after alias expansion, checked on the composed node graph before any Python object is built."""
+    _check_length(text, source)
+    loader = yaml.SafeLoader(text)
+    try:
+        with _yaml_errors(source):
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _expanded_size(node, source)
+            return loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+def load_yaml_all(text: str, source: str) -> list[Any]:
+    """Every non-empty document of ``text`` (a mergekit-multi recipe has several), with
+    :func:`load_yaml`'s budget for all of them together."""
+    _check_length(text, source)
+    loader = yaml.SafeLoader(text)
+    docs, nodes = [], 0
+    try:
+        with _yaml_errors(source):
+            while loader.check_node():
+                node = loader.get_node()
+                nodes += _expanded_size(node, source)
+                if nodes > MAX_YAML_NODES:
+                    raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} nodes (aliases repeat too much)")
+                doc = loader.construct_document(node)
+                if doc is not None:
+                    docs.append(doc)
+    finally:
+        loader.dispose()
+    return docs
 
 
 def load_config(path: str | Path) -> tuple[MergeConfig, str]:

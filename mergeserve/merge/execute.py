@@ -3,9 +3,10 @@
 Every merged tensor is computed by :func:`compute_position`, called by the one loop that runs
 positions and writes them (:class:`~mergeserve.merge.executor.Executor`). A *position* is one
 output tensor of a plan, given as one :class:`TensorTask` per variant (one for a plain merge,
-several for a sweep batch), all with the same sources: the sources are read and cast once for
-every variant. Sources are mmap views of the page cache, dropped from this process's mapping once
-merged, so memory is bounded by the tensors in flight.
+several for a batch: sweep variants, or stages of one output layout, see :mod:`.multi`): each
+source tensor is read once for every variant, and cast once for those sharing it. Sources are
+mmap views of the page cache, dropped from this process's mapping once merged, so memory is
+bounded by the tensors in flight.
 """
 
 from __future__ import annotations
@@ -85,13 +86,17 @@ class SourceCache:
 def load_inputs(task: TensorTask, sources: SourceCache, device: str = "cpu", dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """The task's source tensors, shape-checked and cast to its compute dtype on ``device``."""
     dtype = dtype or ST_DTYPES[task.compute_dtype].torch
+    xf = task.transform
     inputs = []
-    for m, name in task.sources:
+    for k, (m, name) in enumerate(task.sources):
         t = sources[m].get(name)
-        if tuple(t.shape) != task.shape:
-            raise InputError(f"model {sources.models[m].ref}: tensor {name!r} has shape {list(t.shape)}, planned {list(task.shape)}")
+        planned = xf.source_shapes[k] if xf else task.shape
+        if tuple(t.shape) != planned:
+            raise InputError(f"model {sources.models[m].ref}: tensor {name!r} has shape {list(t.shape)}, planned {list(planned)}")
+        if xf:
+            t = xf.patch(k, t)
         inputs.append(t.to(device=device, dtype=dtype))
-    return inputs
+    return xf.remap(inputs) if xf else inputs
 
 
 def task_params(task: TensorTask) -> dict:
@@ -127,34 +132,46 @@ def finish_tensor(
     return [(task.name, out.to(dtype=ST_DTYPES[task.out_dtype].torch).cpu())]
 
 
+def distinct_sources(position: Sequence[TensorTask]) -> list[tuple[int, str]]:
+    """The source tensors a position reads, each once (in first-use order)."""
+    return list(dict.fromkeys(s for t in position for s in t.sources))
+
+
 def compute_position(
     tasks: Sequence[TensorTask], methods: Sequence[str], sources: SourceCache, device: str = "cpu", clock: PhaseClock | None = None
 ) -> list[Outputs]:
-    """One output tensor position for every variant: ``tasks[i]`` (same sources) under ``methods[i]``.
+    """One output tensor position for every variant: ``tasks[i]`` under ``methods[i]``.
 
-    Sources are read once and cast once per compute dtype; variants with the same method and
-    base are computed together by the method's ``many`` form (a single variant: a plain call).
+    Each source tensor is read once for the position; tasks with the same sources (and input
+    transform) share one cast per compute dtype, and those with the same method and base too are
+    computed together by the method's ``many`` form (a single variant: a plain call).
     ``clock`` gets this thread's CPU time: "quantize" for FP8, "merge" for the rest.
     """
     t0 = thread_cpu()
     quantized = PhaseClock()
     groups: dict[tuple, list[int]] = {}
     for i, (task, method) in enumerate(zip(tasks, methods)):
-        groups.setdefault((method, task.base_index, task.compute_dtype), []).append(i)
-    cast: dict[str, list[torch.Tensor]] = {}
+        groups.setdefault((task.sources, task.transform, task.compute_dtype, method, task.base_index), []).append(i)
+    uses: dict[tuple, int] = {}  # cast inputs -> groups still to use them
+    for key in groups:
+        uses[key[:3]] = uses.get(key[:3], 0) + 1
+    cast: dict[tuple, list[torch.Tensor]] = {}
     results: list[Outputs] = [[] for _ in tasks]
-    for (method, base_index, dtype), idx in groups.items():
-        if dtype not in cast:
-            cast[dtype] = load_inputs(tasks[idx[0]], sources, device, ST_DTYPES[dtype].torch)
-        inputs = cast[dtype]
+    for (srcs, transform, dtype, method, base_index), idx in groups.items():
+        inputs_key = (srcs, transform, dtype)
+        if inputs_key not in cast:
+            cast[inputs_key] = load_inputs(tasks[idx[0]], sources, device, ST_DTYPES[dtype].torch)
+        inputs = cast[inputs_key]
         outs = get_method(method).call_many(
             inputs, base_index, [task_params(tasks[i]) for i in idx], [task_generator(tasks[i], device) for i in idx]
         )
         for i, out in zip(idx, outs):
             results[i] = finish_tensor(tasks[i], out, inputs, sources, quantized)
-        del outs
-    del cast
-    for m, name in tasks[0].sources:
+        del outs, inputs
+        uses[inputs_key] -= 1
+        if not uses[inputs_key]:
+            del cast[inputs_key]  # memory: only the casts still needed are held
+    for m, name in distinct_sources(tasks):
         sources[m].release(name)
     if clock is not None:
         q = quantized.seconds["quantize"]

@@ -2,11 +2,11 @@
 
 A whole shard (:func:`run_shard`: ``mergeserve merge`` in one process), a part of a shard (a Ray actor or
 the driver's helper thread, :func:`mergeserve.cluster.parts.run_part`) and a shard of every
-variant of a sweep batch (:func:`mergeserve.merge.multi.run_shard_many`) all run through
+plan of a batch (:func:`mergeserve.merge.multi.run_shard_many`) all run through
 :meth:`Executor.run`, so their tensors are equal bit for bit.
 
 The executor walks *positions* in plan order: position ``i`` is one output tensor, given as one
-:class:`~mergeserve.merge.plan.TensorTask` per variant (all with the same sources), computed by
+:class:`~mergeserve.merge.plan.TensorTask` per variant (one output layout), computed by
 :func:`~mergeserve.merge.execute.compute_position`. Up to ``threads`` positions are computed at
 once (each torch op single-threaded, see :func:`~mergeserve.merge.execute.deterministic_threads`),
 and their tensors are handed in plan order to one :class:`Sink` per variant: a file writer (which
@@ -37,6 +37,7 @@ from mergeserve.merge.execute import (
     SourceCache,
     compute_position,
     deterministic_threads,
+    distinct_sources,
     oom_names,
 )
 from mergeserve.merge.memory import peak_rss_bytes, tune_malloc
@@ -92,8 +93,8 @@ def sources_digest(models: Sequence[ModelInput], digests: dict[Key, str]) -> str
 
 
 def position_keys(positions: Sequence[Sequence[TensorTask]]) -> list[tuple[Key, ...]]:
-    """The source tensors of each position (every variant of a position reads the same)."""
-    return [tuple(p[0].sources) for p in positions]
+    """The source tensors of each position, each once (the variants of a batch may read different models)."""
+    return [tuple(distinct_sources(p)) for p in positions]
 
 
 def shard_keys(shard: ShardTask) -> list[tuple[Key, ...]]:

@@ -37,7 +37,8 @@ class MergeOptions:
     progress: bool = True  # show a progress bar
     address: str | None = None  # Ray: 'local' (start one here), 'auto' or host:port (join); None: this process
     workers: int | None = None  # merge threads in this process, or Ray actors (default: one per CPU; on Ray one per GPU if any)
-    resume: bool = False  # finish an interrupted run, verifying finished shards and the inputs they read
+    resume: bool = False  # finish an interrupted run, verifying finished shards and the inputs they read (multi-stage: finished stages)
+    keep_intermediates: bool = False  # multi-stage recipes: keep each stage's checkpoint as OUT/stages/NAME
 
     @classmethod
     def of(cls, options: MergeOptions | None = None, **changes) -> MergeOptions:

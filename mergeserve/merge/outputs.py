@@ -12,24 +12,22 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mergeserve import __version__
-from mergeserve.errors import ConfigError, InputError, UnsupportedError
-from mergeserve.merge.config import MergeConfig, ModelRef
-from mergeserve.merge.digest import DIGEST
+from mergeserve.errors import ConfigError, InputError
+from mergeserve.merge.config import MergeConfig
+from mergeserve.merge.digest import DIGEST, new_digest
 from mergeserve.merge.executor import ShardResult
 from mergeserve.merge.phases import summed
 from mergeserve.merge.plan import MergePlan
-from mergeserve.merge.reader import fingerprint
+from mergeserve.merge.reader import fingerprint, read_header
 from mergeserve.merge.untrusted import model_file
+from mergeserve.merge.vocab import TOKENIZER_FILES, build_tokenizer, load_tokenizer
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
 MANIFEST = "mergeserve_manifest.json"
+HASH_CHUNK = 64 << 20  # bytes hashed at a time when verifying a shard (memory stays flat)
 
 # Built-in chat templates, selectable by name as in mergekit (`chat_template: chatml`).
 BUILTIN_TEMPLATES = {
@@ -73,24 +71,13 @@ def _template_of(model_dir: Path) -> str | None:
     return tpl.strip() if isinstance(tpl, str) else None
 
 
-def _tokenizer_donor(config: MergeConfig, plan: MergePlan) -> tuple[int, str]:
-    """Index of the model whose tokenizer is written, and the source setting."""
-    src = config.tokenizer.source if config.tokenizer else config.tokenizer_source
-    if isinstance(src, ModelRef):
-        refs = [m.ref for m in plan.models]
-        if str(src) not in refs:
-            raise ConfigError(f"tokenizer_source: {src} is not one of the recipe's models ({', '.join(refs)})")
-        return refs.index(str(src)), "model"
-    return plan.donor, src or "copy"
-
-
 def resolve_chat_template(config: MergeConfig, plan: MergePlan) -> str | None:
     tpl = config.chat_template
     if not tpl:
         return None
     if tpl == "auto":
         found = [t for m in plan.models if (t := _template_of(Path(m.path)))]
-        return max(set(found), key=found.count) if found else None
+        return max(found, key=found.count) if found else None  # ties: the first model's, as mergekit
     if tpl in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[tpl]
     if len(tpl) < 20 or "{" not in tpl:
@@ -101,19 +88,32 @@ def resolve_chat_template(config: MergeConfig, plan: MergePlan) -> str | None:
 
 
 def check_tokenizer(config: MergeConfig, plan: MergePlan) -> None:
-    """Fail before merging if the tokenizer request cannot be honoured."""
-    donor, how = _tokenizer_donor(config, plan)
-    if how == "union":
-        vocabs = set()
-        for m in plan.models:
-            p = model_file(Path(m.path), "tokenizer.json")
-            vocabs.add(p.read_bytes() if p else b"")
-        if len(vocabs) > 1:
-            raise UnsupportedError(
-                "tokenizer_source: union of differing vocabularies is not supported yet; "
-                "use 'base' or name one model (embedding permutation is not implemented)"
-            )
+    """Fail before merging if the tokenizer request cannot be honoured (the vocabulary itself was
+    built and checked by the planner)."""
     resolve_chat_template(config, plan)
+
+
+def write_tokenizer(out: Path, config: MergeConfig, plan: MergePlan) -> None:
+    """The output tokenizer files, as mergekit writes them.
+
+    mergekit copies the donor's files verbatim unless the recipe asks for a tokenizer or a chat
+    template; then it saves a ``transformers`` tokenizer: the one built for the merged vocabulary
+    (:mod:`.vocab`), or the donor's reloaded, with the chat template set.
+    """
+    template = resolve_chat_template(config, plan)
+    donor = Path(plan.models[plan.donor].path)
+    if plan.tokenizer is None and not config.chat_template:
+        for name in TOKENIZER_FILES:
+            if src := model_file(donor, name):
+                shutil.copy(src, out / name)
+        return
+    if plan.tokenizer is not None:
+        tok = build_tokenizer(plan.tokenizer).tokenizer
+    else:
+        tok = load_tokenizer(str(donor))
+    if template:
+        tok.chat_template = template
+    tok.save_pretrained(out)
 
 
 def write_metadata(
@@ -132,18 +132,9 @@ def write_metadata(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
     )
     (out / "config.json").write_text(plan.out_config)
-    tok_idx, _ = _tokenizer_donor(config, plan)
-    copies = [(plan.models[plan.donor].path, "generation_config.json")] + [(plan.models[tok_idx].path, n) for n in TOKENIZER_FILES]
-    for model_dir, name in copies:
-        if src := model_file(Path(model_dir), name):
-            shutil.copy(src, out / name)
-    template = resolve_chat_template(config, plan)
-    if template:
-        tc_path = out / "tokenizer_config.json"
-        tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
-        tc["chat_template"] = template
-        tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
-        (out / "chat_template.jinja").write_text(template)
+    if src := model_file(Path(plan.models[plan.donor].path), "generation_config.json"):
+        shutil.copy(src, out / "generation_config.json")
+    write_tokenizer(out, config, plan)
     (out / "mergekit_config.yml").write_text(recipe_text)
     (out / "README.md").write_text(model_card(config, recipe_text, plan, out.name))
     manifest = {
@@ -162,6 +153,32 @@ def write_metadata(
         },
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def verify_tensors(path: Path, expected: Iterable[tuple[str, Sequence[int], str]]) -> bool:
+    """Whether the safetensors file ``path`` holds each ``(name, shape, digest)`` of ``expected``
+    (DIGEST; a finished shard or stage checked before ``--resume`` reuses it)."""
+    try:
+        header = read_header(path)
+        with open(path, "rb") as f:
+            for name, shape, sha in expected:
+                info = header.get(name)
+                if info is None or list(info.shape) != list(shape):
+                    return False
+                f.seek(info.start)
+                h = new_digest()
+                left = info.nbytes
+                while left:
+                    chunk = f.read(min(left, HASH_CHUNK))
+                    if not chunk:
+                        return False
+                    h.update(chunk)
+                    left -= len(chunk)
+                if h.hexdigest() != sha:
+                    return False
+    except (OSError, InputError):
+        return False  # an unreadable shard is merged again
+    return True
 
 
 def model_card(config: MergeConfig, recipe_text: str, plan: MergePlan, name: str) -> str:

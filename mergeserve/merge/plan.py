@@ -24,13 +24,15 @@ from typing import Any
 
 import torch
 
-from mergeserve.errors import ConfigError, InputError, UnsupportedError
-from mergeserve.merge.config import DTYPE_ALIASES, MergeConfig
+from mergeserve.errors import ConfigError, InputError
+from mergeserve.merge.config import DTYPE_ALIASES, MergeConfig, ModelRef
 from mergeserve.merge.methods.registry import MethodSpec, get_method
 from mergeserve.merge.options import DEFAULT_SHARD_SIZE
 from mergeserve.merge.params import MISSING, resolve
 from mergeserve.merge.quantize import BLOCK, FP8_BLOCK, fp8_scale_shape, is_fp8_target
 from mergeserve.merge.reader import ST_DTYPES, TORCH_TO_ST, ModelFiles, TensorInfo, tensor_nbytes
+from mergeserve.merge.transforms import InputPlanner, InputTransform
+from mergeserve.merge.vocab import TokenizerPlan
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers\.)(?P<idx>\d+)\.(?P<suffix>.+)$")
 OUT_DTYPES = ("float32", "float16", "bfloat16", "fp8")
@@ -42,6 +44,7 @@ class ModelInput:
 
     ref: str
     path: str
+    lora: str | None = None  # adapter directory for ``path+adapter`` references
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class TensorTask:
     quantize: str | None = None  # "fp8_block" or None
     layer: int | None = None  # output layer index, None for embeddings / final norm / lm_head
     seed: int | None = None  # per-tensor seed for random methods
+    transform: InputTransform | None = None  # LoRA patches / vocabulary map applied when sources load
 
     @property
     def scale_name(self) -> str:
@@ -103,6 +107,7 @@ class MergePlan:
     seed: int
     fingerprint: str = ""  # hash of the recipe + plan, for --resume
     allow_pickle: bool = False  # the inputs may be pickle checkpoints (--allow-pickle): every reader honours it
+    tokenizer: TokenizerPlan | None = None  # set when the recipe builds the output tokenizer
 
     @property
     def bytes_read(self) -> int:
@@ -121,7 +126,8 @@ class MergePlan:
         lines = [
             f"method {self.method}, {len(self.models)} input models, {self.num_layers} output layers, "
             f"{self.num_tensors} tensors, out dtype {self.out_dtype}",
-            *(f"  model[{i}] {m.ref} -> {m.path}" for i, m in enumerate(self.models)),
+            *(f"  model[{i}] {m.ref} -> {m.path}" + (f" + LoRA {m.lora}" if m.lora else "") for i, m in enumerate(self.models)),
+            *([f"tokenizer: {self.tokenizer.source} (embeddings and lm_head remapped to it)"] if self.tokenizer else []),
             f"{len(self.shards)} shards, reads {self.bytes_read / 1e9:.3f} GB, writes {self.bytes_written / 1e9:.3f} GB",
         ]
         for s in self.shards:
@@ -157,6 +163,14 @@ def resolve_model_path(ref: str, models_dir: str | Path | None = None) -> Path:
             f"model {ref!r}: not a readable local directory ({cands[-1]}{where}) and not in the offline "
             "Hugging Face cache"
         ) from None
+
+
+def resolve_adapter(ref: ModelRef, models_dir: str | Path | None = None) -> Path:
+    """The directory of a ``model+adapter`` reference's LoRA adapter (resolved like a model)."""
+    try:
+        return resolve_model_path(ref.lora, models_dir)
+    except InputError as e:
+        raise InputError(f"model {str(ref)!r}: LoRA adapter {e.message.removeprefix('model ')}") from None
 
 
 def layer_prefix(names) -> str | None:
@@ -228,16 +242,17 @@ class Planner:
         if self.out_dtype_arg is not None and self.out_dtype_arg not in OUT_DTYPES and self.out_dtype_arg not in DTYPE_ALIASES:
             raise ConfigError(f"out_dtype: unknown dtype {self.out_dtype_arg!r} (use one of {', '.join(OUT_DTYPES)})")
         refs = config.referenced_models()
-        with_lora = [str(r) for r in refs if getattr(r, "lora", None)]
-        if with_lora:  # refuse rather than silently merge the model without its adapter
-            raise UnsupportedError(
-                f"models: LoRA adapters are not supported yet ({', '.join(with_lora)}); merge the adapter into its model first"
-            )
-        self.models = tuple(ModelInput(str(r), str(resolve_model_path(str(r), models_dir))) for r in refs)
+        self.models = tuple(
+            ModelInput(str(r), str(resolve_model_path(str(r), models_dir)), str(resolve_adapter(r, models_dir)) if r.lora else None)
+            for r in refs
+        )
         self._index = {m.ref: i for i, m in enumerate(self.models)}
         self.files = [ModelFiles(m.path, allow_pickle=allow_pickle, label=m.ref) for m in self.models]
         self.model_configs = [f.config() for f in self.files]
         self.layer_counts = [check_model_config(c, f) for c, f in zip(self.model_configs, self.files, strict=True)]
+        self.inputs = InputPlanner(
+            config, self.models, self.files, self.model_configs, self.problems, allow_pickle=allow_pickle, models_dir=models_dir
+        )
 
     # -- structure -------------------------------------------------------------------------
     def _num_layers(self, i: int) -> int:
@@ -319,10 +334,14 @@ class Planner:
         present = self._source_infos(models, out_name, src_names)
         if present is None:
             return None
+        transform, new_shape = self.inputs.transform(models, src_names, [i.shape for i in present], sl.base, out_name, layer)
+        if not self._same_shapes(models, out_name, present, rows_may_differ=new_shape is not None):
+            return None
         base_index = models.index(sl.base) if sl.base is not None and sl.base in models else None
         if not self._method_accepts(len(models), base_index):
             return None
-        compute, out, quant = self._dtypes(out_name, present, layer)
+        shape = new_shape or present[0].shape
+        compute, out, quant = self._dtypes(out_name, present, shape, layer)
         seed = None
         if self.spec.random:
             seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{out_name}".encode()).digest()[:8], "little") >> 1
@@ -331,17 +350,18 @@ class Planner:
             sources=tuple(zip(models, src_names)),
             base_index=base_index,
             params=self._params(sl, out_name, src_names, t, base_index),
-            shape=present[0].shape,
+            shape=shape,
             compute_dtype=compute,
             out_dtype=out,
             quantize=quant,
             layer=layer,
             seed=seed,
+            transform=transform,
         )
 
     def _source_infos(self, models: list[int], out_name: str, src_names: list[str]) -> list[TensorInfo] | None:
-        """Every source tensor's header, all of one shape; None if the tensor is absent everywhere,
-        an optional one (lm_head) is absent somewhere, or a problem was noted."""
+        """Every source tensor's header; None if the tensor is absent everywhere, an optional one
+        (lm_head) is absent somewhere, or a problem was noted."""
         infos = [self.files[mi].info(sname) if sname in self.files[mi] else None for mi, sname in zip(models, src_names)]
         present = [i for i in infos if i is not None]
         if not present:
@@ -352,11 +372,16 @@ class Planner:
             missing = [self.models[m].ref for m, i in zip(models, infos) if i is None]
             self.problems.append(f"tensor {src_names[infos.index(None)]!r} is missing from {', '.join(missing)}")
             return None
-        if len({i.shape for i in present}) > 1:
+        return present
+
+    def _same_shapes(self, models: list[int], out_name: str, present: list[TensorInfo], rows_may_differ: bool) -> bool:
+        """Whether the sources have one shape (but for their rows when a vocabulary map
+        re-rows them); notes the problem if not."""
+        if len({i.shape[1:] if rows_may_differ else i.shape for i in present}) > 1:
             desc = ", ".join(f"{self.models[m].ref}: {list(i.shape)}" for m, i in zip(models, present))
             self.problems.append(f"tensor {out_name!r}: shapes differ between models ({desc})")
-            return None
-        return present
+            return False
+        return True
 
     def _method_accepts(self, n: int, base_index: int | None) -> bool:
         """Whether the method takes ``n`` inputs with this base; notes the problem if not."""
@@ -374,7 +399,9 @@ class Planner:
             return False
         return True
 
-    def _dtypes(self, out_name: str, present: list[TensorInfo], layer: int | None) -> tuple[str, str, str | None]:
+    def _dtypes(
+        self, out_name: str, present: list[TensorInfo], shape: tuple[int, ...], layer: int | None
+    ) -> tuple[str, str, str | None]:
         """(compute dtype, stored dtype, quantization) codes: the recipe's dtype or the inputs'
         promoted one for the math; out_dtype (FP8 for decoder linear weights) for storage."""
         if self.config.dtype:
@@ -387,7 +414,7 @@ class Planner:
         quant = None
         od = self.out_dtype_arg
         if od == "fp8":
-            if is_fp8_target(out_name, present[0].shape, layer):
+            if is_fp8_target(out_name, shape, layer):
                 quant, out = FP8_BLOCK, "F8_E4M3"
             else:
                 out = "BF16"
@@ -452,6 +479,7 @@ class Planner:
             seed=self.seed,
             fingerprint=fp,
             allow_pickle=self.allow_pickle,
+            tokenizer=self.inputs.tokenizer,
         )
 
     def _shard(self, units: list[tuple[int | None, list[TensorTask]]]) -> tuple[ShardTask, ...]:
@@ -480,6 +508,7 @@ class Planner:
         cfg = dict(self.model_configs[donor])
         if "num_hidden_layers" in cfg:
             cfg["num_hidden_layers"] = num_layers
+        self.inputs.set_vocab_size(cfg)
         od = self.out_dtype_arg or self.config.dtype
         if od == "fp8":
             cfg["quantization_config"] = {

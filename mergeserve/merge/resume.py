@@ -27,11 +27,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mergeserve.errors import ConfigError, InputError, ResourceError, ResumeError
-from mergeserve.merge.digest import DIGEST, new_digest
+from mergeserve.merge.digest import DIGEST
 from mergeserve.merge.executor import ShardResult, shard_keys, sources_digest
+from mergeserve.merge.outputs import verify_tensors
 from mergeserve.merge.plan import MergePlan, ShardTask
 from mergeserve.merge.readahead import Key, ReadAhead
-from mergeserve.merge.reader import read_header
 from mergeserve.merge.writer import StagingDir, tmp_path
 
 RUN_STATE = ".mergeserve-run.json"
@@ -67,27 +67,7 @@ def clear_run_state(stage: Path, plan: MergePlan) -> None:
 
 def _output_intact(path: Path, rec: ShardResult) -> bool:
     """Whether the shard file holds exactly the tensors its record lists (re-hashed)."""
-    try:
-        header = read_header(path)
-    except Exception:  # noqa: BLE001 - any unreadable shard is simply redone
-        return False
-    with open(path, "rb") as f:
-        for t in rec.tensors:
-            info = header.get(t.name)
-            if info is None or list(info.shape) != list(t.shape):
-                return False
-            f.seek(info.start)
-            h = new_digest()
-            left = info.nbytes
-            while left:
-                chunk = f.read(min(left, 64 << 20))
-                if not chunk:
-                    return False
-                h.update(chunk)
-                left -= len(chunk)
-            if h.hexdigest() != t.digest:
-                return False
-    return True
+    return verify_tensors(path, [(t.name, t.shape, t.digest) for t in rec.tensors])
 
 
 def _read_state(path: Path) -> dict:

@@ -209,4 +209,6 @@ def llm_config(
         "runtime_env": {"env_vars": env},
         "deployment_config": deployment,
         "log_engine_metrics": engine_metrics,
+        # a local directory: no per-node download step (see serve/ray_llm_adapter.py)
+        "callback_config": {"callback_class": "mergeserve.serve.ray_llm_adapter:LocalCheckpoint"},
     }

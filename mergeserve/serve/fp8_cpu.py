@@ -74,7 +74,7 @@ def blockwise_fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, 
         w = e4m3_bits_as_bf16(q[r0:r1]).float()
         w.mul_(s[r0 // bn : -(-r1 // bn)].repeat_interleave(bn, 0)[: r1 - r0])
         torch.mm(w.to(x.dtype), x.t(), out=out[r0:r1])
-    return out.t()
+    return out.t().contiguous()  # vLLM's attention splits q/k/v out of it as contiguous views
 
 
 def _kernel_class():

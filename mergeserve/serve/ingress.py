@@ -45,6 +45,9 @@ HAPROXY_THREADS = 1
 # HAProxy retries what never reached a replica, or what a replica closed without answering (it
 # died): both are safe to send again. Answers, 5xx included, are passed through.
 RETRY_ON = "conn-failure empty-response"
+# Serve's controller wakes 10 times a second by default (3-4% of a core with nothing to do); twice
+# a second still reacts to a dead replica well within its health check period.
+CONTROL_LOOP_S = 0.5
 MAX_CONNECTIONS = 4096  # HAProxy's maxconn; the rest wait in the kernel's backlog
 # A stopping replica stays open this long so that HAProxy learns it is gone (Ray's default, 30 s,
 # is for load balancers on other nodes; here the controller reconfigures HAProxy at once), so
@@ -115,8 +118,10 @@ def replica_env(api_key: str | None, salt: str, loopback: bool, max_body: int = 
 
 
 def controller_env(models: list[str], api_key: str | None, salt: str, run_dir: str, loopback: bool,
-                   max_body: int = MAX_BODY_BYTES) -> dict[str, str]:
-    """What the Serve controller and its HAProxy manager need besides :func:`replica_env`."""
+                   max_body: int = MAX_BODY_BYTES, own_ports: bool = True) -> dict[str, str]:
+    """What the Serve controller and its HAProxy manager need besides :func:`replica_env`.
+    ``own_ports``: free ports of this machine for HAProxy's stats and Prometheus listeners and
+    Serve's fallback proxy (two servers side by side), else Ray's defaults (a cluster's config)."""
     wrapper, binary = find_haproxy()
     policy = Policy(tuple(models), salted_key_hash(api_key, salt) if api_key else None, salt, max_body, loopback=loopback)
     return {
@@ -125,6 +130,7 @@ def controller_env(models: list[str], api_key: str | None, salt: str, run_dir: s
         "RAY_SERVE_HAPROXY_BINARY_PATH": wrapper,
         POLICY_ENV: policy.to_json(),
         "RAY_SERVE_HAPROXY_NBTHREAD": str(HAPROXY_THREADS),
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(CONTROL_LOOP_S),
         "RAY_SERVE_HAPROXY_MAXCONN": str(MAX_CONNECTIONS),
         "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{run_dir}/haproxy.cfg",
@@ -132,9 +138,11 @@ def controller_env(models: list[str], api_key: str | None, salt: str, run_dir: s
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{run_dir}/metrics.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run_dir,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{run_dir}/server-state",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        **({
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        } if own_ports else {}),
     }
 
 

@@ -12,6 +12,12 @@ the public ``ray.serve.llm.build_llm_deployment`` instead. What is not public:
   LLMServer implements): overridden to put mergeserve's request checks (serve/requests.py) in
   front of vLLM's app. The subclass keeps the name, so Serve's deployment and metric names stay
   ``LLMServer:<model>``.
+- ``CallbackBase`` (``ray.llm._internal.common.callbacks``), named by the LLMConfig's public
+  ``callback_config``: before the engine starts, Ray runs a task on every node of the replica to
+  "download" the model, which for a local checkpoint directory finds nothing to do but costs a
+  new worker process (about half a minute of a start-up on a small machine).
+  :class:`LocalCheckpoint` tells Ray to skip it: mergeserve serves local directories only, on a
+  filesystem every node sees.
 - ``add_port_to_grpc_server`` as imported by ``ray.serve._private.replica``: every replica opens
   an inter-deployment gRPC port on all interfaces (``[::]:0``), with no option to change it. On a
   one-machine server (``MERGESERVE_LOOPBACK_ONLY=1``) it is bound to 127.0.0.1 instead, when the
@@ -25,6 +31,7 @@ from __future__ import annotations
 import os
 
 from ray import serve
+from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.llm import build_llm_deployment
 from ray.serve.llm.deployment import LLMServer as RayLLMServer
 
@@ -47,6 +54,14 @@ def _bind_replica_grpc_to_loopback() -> None:
 
 if os.environ.get(LOOPBACK_ENV) == "1":  # in the replica, where Ray imports this module with the deployment
     _bind_replica_grpc_to_loopback()
+
+
+class LocalCheckpoint(CallbackBase):
+    """The LLMConfig callback for a local checkpoint directory: no per-node download step."""
+
+    async def on_before_node_init(self) -> None:
+        self.ctx.run_init_node = False
+
 
 
 class LLMServer(RayLLMServer):

@@ -130,7 +130,7 @@ def emit_config(opts: ServeOptions, path: str) -> str:
     salt = ingress.new_salt()
     run_dir = "/tmp/mergeserve-serve"  # on the cluster's nodes
     env = ingress.controller_env([c.name for c in ckpts], opts.api_key, salt, run_dir, loopback=False,
-                                 max_body=opts.max_body_bytes)
+                                 max_body=opts.max_body_bytes, own_ports=False)
     replica = ingress.replica_env(opts.api_key, salt, loopback=False, max_body=opts.max_body_bytes)
     # the target cluster's hardware is not this machine's: no local FP8 check here
     configs = llm_configs(opts, ckpts, accelerator, replica, check_hardware=False)
@@ -162,6 +162,11 @@ def _become_subreaper() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux/glibc: orphans go to init as usual
+
+
+def _import_app_modules() -> None:
+    import mergeserve.serve.builder  # noqa: F401
+    import mergeserve.serve.ray_llm_adapter  # noqa: F401
 
 
 def _raise_if_failed(models: list[str]) -> None:
@@ -212,10 +217,12 @@ class Server:
         os.environ.update(env)  # before Ray's modules are imported: they read these at import
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         _become_subreaper()
+        # The application's modules (Ray Serve LLM, vLLM's config) take seconds to import: here,
+        # while Ray starts, rather than after it.
+        prefetch = threading.Thread(target=_import_app_modules, name="mergeserve-imports", daemon=True)
+        prefetch.start()
         import ray
         from ray import serve
-
-        from mergeserve.serve.builder import build_model_app
 
         self._start_ray(len(ckpts))
         if self._on_ray_started:
@@ -232,6 +239,9 @@ class Server:
             except Exception as e:  # noqa: BLE001 - Ray wraps HAProxy's start-up failure in its task error
                 lines = [x for x in str(e).strip().splitlines() if x.strip()]
                 raise ClusterError(f"Ray Serve's HTTP front end (HAProxy) did not start: {lines[-1][:400] if lines else type(e).__name__}") from None
+            prefetch.join()
+            from mergeserve.serve.builder import build_model_app
+
             for c, cfg in zip(ckpts, configs):
                 try:
                     serve.run(build_model_app({"llm_config": cfg}), name=app_name(c.name), route_prefix=ingress.route_prefix(c.name),
@@ -259,7 +269,11 @@ class Server:
                 from mergeserve.cluster.session import start_embedded
 
                 n = engines * (self.opts.replicas if isinstance(self.opts.replicas, int) else 1)
-                start_embedded(num_cpus=max(os.cpu_count() or 1, 2 * n + 2), _metrics_export_port=self.opts.metrics_port)
+                start_embedded(
+                    num_cpus=max(os.cpu_count() or 1, 2 * n + 2), _metrics_export_port=self.opts.metrics_port,
+                    # no idle workers started ahead: every process here is a replica, an engine or Serve's own
+                    _system_config={"worker_niceness": 0, "enable_worker_prestart": False, "prestart_worker_first_driver": False},
+                )
                 self.own_ray = True
         except (ConnectionError, RuntimeError, ValueError) as e:
             self.stop()

@@ -26,6 +26,18 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
 
         prep = prepare(a.spec, a.out, models_dir=a.models_dir, resume=True)
         spec, planned = prep.spec, prep.planned
+        if prep.variants is not None:
+            from pathlib import Path
+
+            from mergeserve.merge.stage_run import STAGES_DIR
+            from mergeserve.sweep.variants import stage_variants
+
+            staged, _ = stage_variants(prep.variants, Path(a.out) / STAGES_DIR)
+            print(f"{len(prep.variants)} variants of a multi-stage recipe: {len(staged)} distinct stages merged once "
+                  "(each stage group reading its inputs once), then each variant's final stage")
+            for v in prep.variants:
+                print(f"  {v.name}: {v.label}")
+            return 0
         if planned is None:
             print(f"{spec.search.kind} search: budget {spec.search.budget}, batches of {spec.batch_size} (variants chosen while running)")
             return 0

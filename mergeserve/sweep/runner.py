@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from mergeserve.errors import ConfigError, OutputExistsError
 from mergeserve.merge.options import AUTO, NO_SHARDING, MergeOptions, auto_shard_size
+from mergeserve.merge.stage_run import STAGES_DIR  # OUT/stages/NAME-HASH: a multi-stage recipe's shared stages
 from mergeserve.sweep.spec import SweepSpec
 
 if TYPE_CHECKING:
@@ -62,7 +63,8 @@ class Prepared:
     recipe: dict
     texts: dict[str, str]  # evaluation texts by name
     options: MergeOptions  # how every variant is planned
-    planned: list | None  # PlannedVariants; None for adaptive search (chosen while running)
+    planned: list | None  # PlannedVariants; None for adaptive search (chosen while running) and multi-stage recipes
+    variants: list | None = None  # a multi-stage recipe's grid or random Variants: planned once their stages are merged
 
 
 def _problems(spec: SweepSpec, root: Path, recipe: dict) -> tuple[list[str], dict[str, Path]]:
@@ -85,10 +87,11 @@ def _problems(spec: SweepSpec, root: Path, recipe: dict) -> tuple[list[str], dic
 
 
 def prepare(spec_path: str | Path, out_dir: str | Path, *, models_dir: str | None = None, resume: bool = False) -> Prepared:
-    """Every check that needs no Ray; the grid or random variants planned."""
+    """Every check that needs no Ray; the grid or random variants planned (a multi-stage recipe's:
+    their stages that read only models)."""
     from mergeserve.eval.perplexity import read_texts
     from mergeserve.sweep.spec import load_spec
-    from mergeserve.sweep.variants import grid_variants, load_recipe, make_variant, plan_variants, random_variants
+    from mergeserve.sweep.variants import grid_variants, is_multi_stage, load_recipe, make_variant, plan_variants, random_variants
 
     spec, root = load_spec(spec_path)
     recipe = load_recipe(spec, root)
@@ -103,17 +106,58 @@ def prepare(spec_path: str | Path, out_dir: str | Path, *, models_dir: str | Non
         raise OutputExistsError(f"{out} holds an earlier sweep's results: pass --resume to continue it, or choose another OUT_DIR")
     options = MergeOptions(models_dir=models_dir, out_dtype=None if spec.output == "none" else spec.output, seed=spec.seed)
     ends = [[(ax.values[0] if ax.values else ax.low) for ax in spec.axes], [(ax.values[-1] if ax.values else ax.high) for ax in spec.axes]]
+    multi = is_multi_stage(recipe)
     # adaptive search: both ends of every range are checked before any work
-    probe = plan_variants([make_variant(i, recipe, spec.axes, v) for i, v in enumerate(ends)], replace(options, out_shard_size=NO_SHARDING))
+    written = _check(out, [make_variant(i, recipe, spec.axes, v) for i, v in enumerate(ends)], options, multi)
     shard: int | str = spec.out_shard_size
     if shard == AUTO:  # enough shards for every CPU to write one, two each
-        shard = auto_shard_size(probe[0].plan.bytes_written, 2 * (os.cpu_count() or 1))
+        shard = auto_shard_size(written, 2 * (os.cpu_count() or 1))
     options = replace(options, out_shard_size=shard)
-    planned = None
-    if spec.search.kind in ("grid", "random"):
-        variants = grid_variants(spec, recipe) if spec.search.kind == "grid" else random_variants(spec, recipe)
-        planned = plan_variants(variants, options)
-    return Prepared(spec, root, recipe, texts, options, planned)
+    if spec.search.kind not in ("grid", "random"):
+        return Prepared(spec, root, recipe, texts, options, None)
+    variants = grid_variants(spec, recipe) if spec.search.kind == "grid" else random_variants(spec, recipe)
+    if multi:
+        _check(out, variants, options, multi)
+        return Prepared(spec, root, recipe, texts, options, None, variants)
+    return Prepared(spec, root, recipe, texts, options, plan_variants(variants, options))
+
+
+def _check(out: Path, variants: list, options: MergeOptions, multi: bool) -> int:
+    """Validate and plan ``variants`` (of a multi-stage recipe: their graphs, and their stages
+    that read only models); the bytes one of them writes (for ``out_shard_size: auto``)."""
+    from mergeserve.merge.stage_run import check_queued
+    from mergeserve.sweep.variants import plan_variants, stage_variants
+
+    probe = replace(options, out_shard_size=NO_SHARDING)
+    if not multi:
+        return plan_variants(variants, probe)[0].plan.bytes_written
+    staged, _ = stage_variants(variants, out / STAGES_DIR)
+    checked = check_queued(staged, _stage_options(probe))
+    return max(s.plan.bytes_written for s in checked.values())  # a stage of the same models: about the final's size
+
+
+def _stage_options(options: MergeOptions) -> MergeOptions:
+    """How a multi-stage sweep's shared stages are merged: as their recipes say (the spec's
+    ``output`` dtype is the variants' own)."""
+    return replace(options, out_dtype=None)
+
+
+def _plan(run: SweepRun, pool: WorkerPool, variants: list, known: dict | None = None) -> list:
+    """``variants`` planned; a multi-stage recipe's shared stages merged first (on ``pool``, each
+    distinct one once, kept under ``OUT/stages`` and reused once verified)."""
+    from mergeserve.sweep.variants import is_multi_stage, plan_variants
+
+    if is_multi_stage(variants[0].recipe):
+        from mergeserve.cluster.stages import run_stages
+        from mergeserve.merge.stage_run import StageQueue
+        from mergeserve.sweep.variants import stage_variants
+
+        staged, variants = stage_variants(variants, run.out / STAGES_DIR)
+        queue = StageQueue(staged, _stage_options(run.options), resume=True)
+        run_stages(queue, pool, progress=False)
+        run.bytes_read += queue.bytes_read
+        run.bytes_naive += sum(r.plan.bytes_read for r in queue.results.values())
+    return plan_variants(variants, run.options, known=known)
 
 
 def run_sweep(
@@ -161,11 +205,14 @@ def _execute(run: SweepRun, prep: Prepared, done: dict, address: str | None, wor
     with ray_session(address):
         pool = WorkerPool.for_cluster(SweepWorker, workers)
         try:
-            total = len(prep.planned) if prep.planned is not None else (run.spec.search.budget or 0)
+            listed = prep.planned if prep.planned is not None else prep.variants
+            total = len(listed) if listed is not None else (run.spec.search.budget or 0)
             with tqdm(total=total, desc="variants", unit="variant", position=0, disable=not progress, dynamic_ncols=True) as vbar, \
                  tqdm(desc="shards", unit="shard", position=1, disable=not progress, dynamic_ncols=True, leave=False) as sbar:
                 if prep.planned is not None:
                     _run_variants(run, pool, prep.planned, done, vbar, sbar)
+                elif prep.variants is not None:
+                    _run_variants(run, pool, _plan(run, pool, prep.variants), done, vbar, sbar)
                 else:
                     _run_adaptive(run, pool, prep.recipe, done, vbar, sbar)
             top = _top(run, serve_top)
@@ -308,7 +355,7 @@ def _write_checkpoints(run: SweepRun, pool: WorkerPool, groups: list, sbar, vbar
 
 def _run_adaptive(run: SweepRun, pool: WorkerPool, recipe: dict, done: dict, vbar, sbar) -> None:
     from mergeserve.sweep.search import AdaptiveSearch, objective_value
-    from mergeserve.sweep.variants import make_variant, plan_variants
+    from mergeserve.sweep.variants import make_variant
 
     spec = run.spec
     search = AdaptiveSearch(spec)
@@ -317,7 +364,7 @@ def _run_adaptive(run: SweepRun, pool: WorkerPool, recipe: dict, done: dict, vba
         asked = search.ask(spec.batch_size)
         variants = [make_variant(index + i, recipe, spec.axes, vals) for i, (_, vals) in enumerate(asked)]
         index += len(asked)
-        planned = plan_variants(variants, run.options, known=known)
+        planned = _plan(run, pool, variants, known)
         for pv in planned:
             known.setdefault(pv.content, pv.name)
         _run_variants(run, pool, planned, done, vbar, sbar)

@@ -20,6 +20,9 @@ Example (``configs/sweeps/tiny-slerp-t.yaml``)::
 Axis paths address the recipe: dotted keys, list indexes (``slices[0].sources[1].parameters.weight``,
 ``models[1].parameters.density``), and ``name[FILTER]`` for the entry of a filter list whose
 ``filter`` is FILTER (``[*]`` for the entry without a filter). ``merge_method`` is an axis too.
+In a multi-stage recipe (mergekit-multi's documents, in the file or as a list) a path starts with
+the stage it sets: ``stages[pair].parameters.weight``, ``stages[(final)].parameters.t`` for the
+unnamed final document.
 """
 
 from __future__ import annotations
@@ -105,7 +108,9 @@ class Eval(_Strict):
 class SweepSpec(_Strict):
     """A whole sweep spec."""
 
-    recipe: str | dict[str, Any] = Field(description="mergekit recipe: a file path (relative to the spec) or a mapping")
+    recipe: str | dict[str, Any] | list[dict[str, Any]] = Field(
+        description="mergekit recipe: a file path (relative to the spec), a mapping, or a multi-stage recipe's documents"
+    )
     axes: list[Axis] = Field(min_length=1, description="The dimensions varied")
     search: Search = Field(default_factory=Search, description="grid, random, tpe or cmaes")
     batch_size: int = Field(8, ge=1, description="Variants merged together; each source byte is read once per batch")

@@ -7,7 +7,8 @@ of the same inputs and tokenizes the evaluation texts once. Its tasks:
   source tensors, each variant's shard written to that variant's staging directory;
 - :meth:`merge_score`: every shard of a batch in memory (nothing written), then each variant
   evaluated (scores-only sweeps; memory: one model per variant of the batch);
-- :meth:`score_dir`: evaluate a written checkpoint.
+- :meth:`score_dir`: evaluate a written checkpoint;
+- ``run_part`` (inherited): a part of a multi-stage recipe's shared stages, see cluster.stages.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mergeserve.cluster.actors import Worker
+from mergeserve.cluster.actors import MergeWorker
 from mergeserve.sweep.spec import Eval
 
 
@@ -23,8 +24,9 @@ def _bytes_read(plan, shard_index: int) -> int:
     return plan.shards[shard_index].bytes_read
 
 
-class SweepWorker(Worker):
-    """Merges and scores batches of variants (also runnable in-process, outside Ray)."""
+class SweepWorker(MergeWorker):
+    """Merges and scores batches of variants (also runnable in-process, outside Ray); merges parts
+    of a multi-stage recipe's shared stages too (MergeWorker.run_part)."""
 
     def __init__(self, device: str = "cpu"):
         super().__init__(device)

@@ -11,6 +11,7 @@ import pytest
 from mergeserve.cluster.parts import ShardAssembler, prepare_shard, run_part, split_parts
 from mergeserve.merge.api import merge, plan_merge
 from mergeserve.merge.execute import SourceCache
+from mergeserve.merge.multi import Batch
 from mergeserve.merge.resume import done_record
 
 SLERP = {
@@ -47,10 +48,11 @@ def test_shard_from_parts_in_reverse_order_equals_single_process(random_models, 
         prepare_shard(out, s)
     parts = split_parts(plan.shards, 4)
     assert len(parts) > 2 * len(plan.shards)
-    asm = ShardAssembler(plan, parts, out)
-    sources = [SourceCache(plan), SourceCache(plan)]  # two "workers"
+    batch = Batch.of([plan])
+    asm = ShardAssembler(batch, parts, [out])
+    sources = [SourceCache(batch), SourceCache(batch)]  # two "workers"
     for i, p in enumerate(reversed(parts)):
-        asm.add(run_part(plan, p, out, sources=sources[i % 2], worker=f"w{i % 2}"))
+        asm.add(run_part(batch, p, [out], sources=sources[i % 2], worker=f"w{i % 2}"))
     assert asm.done
     for s in plan.shards:
         assert (out / s.filename).read_bytes() == (reference.out_dir / s.filename).read_bytes()
@@ -73,10 +75,11 @@ def test_part_stopped_between_tensors_hands_back_the_rest(random_models, tmp_pat
     out.mkdir()
     prepare_shard(out, shard)
     whole = Part(shard.index, 0, len(shard.tensors), shard.bytes_written)
-    asm = ShardAssembler(plan, [whole], out)
-    first = run_part(plan, whole, out, sources=SourceCache(plan), should_stop=lambda: True)
-    assert (first.part.start, first.part.stop) == (0, 1) and len(first.tensors) == 1
+    batch = Batch.of([plan])
+    asm = ShardAssembler(batch, [whole], [out])
+    first = run_part(batch, whole, [out], sources=SourceCache(batch), should_stop=lambda: True)
+    assert (first.part.start, first.part.stop) == (0, 1) and [len(t) for t in first.tensors] == [1]
     assert asm.add(first) is None and not asm.done
     rest = Part(shard.index, 1, whole.stop, whole.bytes_written - first.part.bytes_written)
-    assert asm.add(run_part(plan, rest, out, sources=SourceCache(plan))) is not None
+    assert asm.add(run_part(batch, rest, [out], sources=SourceCache(batch))) is not None
     assert (out / shard.filename).read_bytes() == (reference.out_dir / shard.filename).read_bytes()

@@ -261,7 +261,7 @@ def test_console_command_exit_status(models, tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "slurp" in p.stderr
 
 
-def test_lora_reference_is_refused_not_ignored(models, tmp_path, capsys):
+def test_missing_lora_adapter_is_refused_naming_it(models, tmp_path, capsys):
     r = _slerp_b("b+some/adapter")
     code, err, out = _run(tmp_path, models, r, capsys)
-    assert code == 2 and "LoRA" in err and "b+some/adapter" in err and not out.exists()
+    assert code == 2 and "LoRA adapter" in err and "b+some/adapter" in err and not out.exists()

@@ -10,7 +10,7 @@ from mergeserve.merge.api import merge, plan_merge
 from mergeserve.merge.execute import SourceCache
 from mergeserve.merge.methods.registry import get_method
 from mergeserve.merge.methods.slerp import slerp_pair, slerp_pairs
-from mergeserve.merge.multi import content_key, run_shard_many, structure_key
+from mergeserve.merge.multi import Batch, content_key, run_shard_many, structure_key
 from tests.oracle import load_tensors
 
 TS = [0.0, 0.1, 0.37, 0.5, 0.9, 1.0]
@@ -114,9 +114,29 @@ def test_keys_tell_identical_and_batchable_plans_apart(random_models):
     assert structure_key(_plans([swapped], root)[0]) != structure_key(p_scalar)
 
 
-def test_run_shard_many_refuses_plans_of_different_structure(random_models):
+def test_plans_of_one_layout_with_different_sources_share_the_reads_they_have_in_common(random_models, tmp_path):
+    """Independent stages of a multi-stage recipe: slerp(a, b) and slerp(a, c) write one layout;
+    merged together, ft-a is read once, and each plan's shard equals its lone merge."""
     root = random_models["root"]
-    swapped = _slerp(0.5)
-    swapped["slices"][0]["sources"][1]["model"] = "ft-c"
-    with pytest.raises(ValueError, match="structure"):
-        run_shard_many(_plans([_slerp(0.5), swapped], root), 0, None)
+    other = _slerp(0.5)
+    other["slices"][0]["sources"][1]["model"] = "ft-c"
+    recipes = [_slerp(0.3), other]
+    plans = _plans(recipes, root)
+    batch = Batch.of(plans)
+    assert [m.ref for m in batch.models] == ["ft-a", "ft-b", "ft-c"] and batch.index == ((0, 1), (0, 2))
+    dirs = [tmp_path / "v0", tmp_path / "v1"]
+    for d in dirs:
+        d.mkdir()
+    reads: list[int] = []
+    run_shard_many(batch, 0, dirs, threads=2, on_position=reads.append)
+    assert sum(reads) == batch.bytes_read_one_by_one() * 3 // 4  # a, b, c of equal sizes, instead of a + b + a + c
+    for d, recipe, plan in zip(dirs, recipes, plans):
+        lone = merge(recipe, tmp_path / f"lone-{d.name}", models_dir=root, progress=False)
+        assert (d / plan.shards[0].filename).read_bytes() == (lone.out_dir / plan.shards[0].filename).read_bytes()
+
+
+def test_a_batch_refuses_plans_of_different_layouts(random_models):
+    root = random_models["root"]
+    plans = _plans([_slerp(0.5)], root) + _plans([_slerp(0.5)], root, out_dtype="float32")
+    with pytest.raises(ValueError, match="layout"):
+        run_shard_many(plans, 0, None)

@@ -48,7 +48,7 @@ def test_blockwise_matmul_equals_dequantize_then_matmul(shape):
     x = torch.randn(3, shape[1], dtype=torch.bfloat16)
     ref = x.float() @ dequantize_fp8_block(q, s, torch.bfloat16).float().t()
     got = blockwise_fp8_linear(x, q, s, (128, 128))
-    assert got.shape == (3, shape[0]) and got.dtype == torch.bfloat16
+    assert got.shape == (3, shape[0]) and got.dtype == torch.bfloat16 and got.is_contiguous()
     torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
 
 
@@ -126,3 +126,35 @@ def test_kernel_on_a_layer_equals_the_dequantized_weights(mode, monkeypatch):
     torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=5e-2)
     if mode == "fp8":
         assert layer.weight.dtype == torch.float8_e4m3fn  # still half the memory of bf16
+
+
+_ENGINE = """
+import json, os, sys
+os.environ["VLLM_DISABLED_KERNELS"] = "CPUFp8W8A8BlockScaledMMKernel,CPUFp8BlockScaledMMKernel"  # the plugin, even on AMX
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+os.environ["MERGESERVE_FP8_CPU_WEIGHTS"] = sys.argv[2]
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], max_model_len=512, enforce_eager=True)
+    outs = llm.generate(["def add(a, b):", "The quick brown", "import os\\n"], SamplingParams(max_tokens=12, temperature=0))
+    print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+@pytest.mark.slow
+def test_fp8_weights_kept_fp8_in_a_real_engine_give_the_tokens_of_bf16_weights(merged_tiny, tmp_path):
+    """The engine with the plugin holding FP8 weights (dequantized slab by slab in the matmul)
+    generates the greedy tokens it generates with the weights dequantized at load."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "engine.py"
+    script.write_text(_ENGINE)
+    tokens = {}
+    for mode in ("fp8", "bf16"):
+        p = subprocess.run([sys.executable, str(script), str(merged_tiny["fp8"]), mode], capture_output=True, text=True, timeout=600)
+        lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        assert p.returncode == 0 and lines, p.stderr[-3000:]
+        tokens[mode] = json.loads(lines[-1].removeprefix("RESULT "))
+    assert tokens["fp8"] == tokens["bf16"] and all(len(t) == 12 for t in tokens["fp8"])

@@ -42,3 +42,21 @@ def test_a_model_app_builds_without_a_cluster(tiny_family):
 
     cfg = llm_config(inspect_checkpoint(tiny_family["mistral"]["code"], "m"))
     assert isinstance(build_model_app({"llm_config": cfg}), Application)
+
+
+def test_the_checkpoint_callback_skips_rays_download_step(tiny_family):
+    import asyncio
+
+    from ray.llm._internal.common.callbacks.base import CallbackCtx
+    from ray.llm._internal.common.utils.import_utils import load_class
+    from ray.serve.llm import LLMConfig
+
+    from mergeserve.serve.engine import inspect_checkpoint, llm_config
+    from mergeserve.serve.ray_llm_adapter import LocalCheckpoint
+
+    cfg = llm_config(inspect_checkpoint(tiny_family["mistral"]["code"], "m"))
+    assert load_class(cfg["callback_config"]["callback_class"]) is LocalCheckpoint
+    assert hasattr(CallbackCtx(), "run_init_node"), "ray.llm CallbackCtx.run_init_node is gone: update serve/ray_llm_adapter.py"
+    callback = LocalCheckpoint(llm_config=LLMConfig.model_validate(cfg))
+    asyncio.run(callback.on_before_node_init())
+    assert callback.ctx.run_init_node is False

@@ -133,6 +133,34 @@ def test_adaptive_tpe_search(ray_cluster, tiny_dir, tmp_path):
         r["values"]["t"] for r in sorted(rows, key=lambda r: r["name"])]
 
 
+def test_multi_stage_sweep_merges_each_shared_stage_once(ray_cluster, tiny_dir, tmp_path):
+    """Axes into an intermediate stage (pair's weight) and the final (t): the distinct intermediate
+    stages are merged once for the whole sweep, and each variant equals its whole multi-stage
+    recipe merged alone."""
+    import copy
+
+    from mergeserve.merge.options import MergeOptions
+    from mergeserve.merge.stage_run import merge_stages
+    from mergeserve.merge.stages import parse_stages
+    from tests.sweep.test_variants import STAGED, STAGED_AXES
+
+    spec = _spec(tmp_path, tiny_dir, recipe=STAGED, axes=STAGED_AXES, output="bfloat16", eval={"texts": {}}, batch_size=4)
+    out = tmp_path / "out"
+    summary = run_sweep(spec, out, progress=False)
+    rows = {(r["values"]["w"], r["values"]["t"]): r for r in summary["results"]}
+    assert sorted(rows) == [(0.6, 0.2), (0.6, 0.7), (0.8, 0.2), (0.8, 0.7)]
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (out / "stages").iterdir()) == ["pair", "pair", "side"]
+    # the three shared stages read the three models once (6 one by one); the finals, in two
+    # batches by pair, read 4 intermediates (8 one by one): all of one size
+    assert summary["bytes_read"] * 2 == summary["bytes_read_naive"]
+    docs = copy.deepcopy(STAGED)
+    docs[0]["models"][0]["parameters"]["weight"] = 0.8
+    docs[2]["parameters"]["t"] = 0.7
+    lone = merge_stages(parse_stages(yaml.safe_dump_all(docs)), tmp_path / "lone", MergeOptions(models_dir=tiny_dir, progress=False))
+    got, want = load_tensors(Path(rows[(0.8, 0.7)]["checkpoint"])), load_tensors(lone.out_dir)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_serve_top_serves_and_load_tests_the_winners(ray_cluster, tiny_dir, tmp_path):
     """The last step of a sweep: the best two variants written, served side by side (Ray Serve +
     the vLLM CPU engine, in a child process) and load-tested with one workload into one report."""

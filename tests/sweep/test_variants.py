@@ -150,3 +150,79 @@ def test_every_sweep_in_configs_validates(tiny_dir, tmp_path):
         p = tmp_path / path.name
         p.write_text(json.dumps(data))
         assert prepare(p, tmp_path / "out" / path.stem).spec.axes
+
+
+# A multi-stage recipe: pair and side read the tiny family's models; the unnamed final reads both.
+STAGED = [
+    {"name": "pair", "merge_method": "linear", "dtype": "bfloat16",
+     "models": [{"model": "mistral-code", "parameters": {"weight": 0.6}}, {"model": "mistral-prose", "parameters": {"weight": 0.4}}]},
+    {"name": "side", "merge_method": "slerp", "base_model": "mistral-code", "dtype": "bfloat16", "parameters": {"t": 0.3},
+     "models": [{"model": "mistral-code"}, {"model": "mistral-base"}]},
+    {"merge_method": "slerp", "base_model": "pair", "dtype": "bfloat16", "parameters": {"t": 0.5},
+     "models": [{"model": "pair"}, {"model": "side"}]},
+]
+STAGED_AXES = [{"path": "stages[pair].models[0].parameters.weight", "name": "w", "values": [0.6, 0.8]},
+               {"path": "stages[(final)].parameters.t", "name": "t", "values": [0.2, 0.7]}]
+
+
+def test_axes_into_the_stages_of_a_multi_stage_recipe(tmp_path):
+    from mergeserve.sweep.variants import load_recipe, stage_variants
+
+    spec = parse_spec({"recipe": STAGED, "axes": STAGED_AXES})
+    recipe = load_recipe(spec, tmp_path)
+    assert check_axes(spec, recipe) == []
+    r = apply_axis(recipe, "stages[side].parameters.t", 0.9)
+    assert r["stages"][1]["parameters"]["t"] == 0.9 and recipe["stages"][1]["parameters"]["t"] == 0.3
+    variants = grid_variants(spec, recipe)
+    assert [v.label for v in variants] == ["w=0.6, t=0.2", "w=0.6, t=0.7", "w=0.8, t=0.2", "w=0.8, t=0.7"]
+    staged, finals = stage_variants(variants, tmp_path / "stages")
+    # two distinct pair stages (w), one side stage shared by every variant; four finals reading them
+    assert sorted(s.name.rsplit("-", 1)[0] for s in staged) == ["pair", "pair", "side"]
+    pair_w = {s.config.models[0].parameters["weight"]: s.dest for s in staged if s.name.startswith("pair")}
+    assert sorted(pair_w) == [0.6, 0.8]
+    side = next(s.dest for s in staged if s.name.startswith("side"))
+    for v, final in zip(variants, finals):
+        w, t = dict(v.values)["w"], dict(v.values)["t"]
+        models = [m["model"] for m in final.recipe["models"]]
+        assert final.recipe["parameters"]["t"] == t and models == [{"path": str(pair_w[w])}, {"path": str(side)}]
+
+
+def test_stage_axes_are_checked_with_the_other_axes():
+    spec = parse_spec({"recipe": STAGED, "axes": [
+        {"path": "parameters.t", "values": [0.1]},  # no stage named
+        {"path": "stages[nope].parameters.t", "values": [0.1]},
+        {"path": "stages[pair].models[0].parameters.t", "values": [0.1]},  # pair is linear: no t
+        {"path": "stages[side].parameters.weight", "values": [0.1]},  # side is slerp (or slurp): no weight
+        {"path": "stages[side].merge_method", "values": ["slerp", "slurp"]},
+    ]})
+    from mergeserve.sweep.variants import load_recipe
+
+    problems = check_axes(spec, load_recipe(spec, Path(".")))
+    for part in ("axes[0].path: the recipe has several stages: start the path with stages[NAME] (stages: pair, side, (final))",
+                 "axes[1].path: stages: no stage named 'nope' (stages: pair, side, (final))",
+                 "axes[2].path: 't' is not a parameter of linear",
+                 "axes[3].path: 'weight' is not a parameter of slerp",
+                 "axes[4].values: unknown merge method 'slurp'"):
+        assert any(part in p for p in problems), (part, problems)
+
+
+def test_cli_refuses_a_bad_stage_axis_before_any_work(tmp_path, tiny_dir):
+    data = {"recipe": STAGED, "models_dir": str(tiny_dir), "axes": [{"path": "stages[pair].models[1].parameters.t", "values": [0.2]}]}
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    r = _cli(spec, tmp_path / "out")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "axes[0].path: 't' is not a parameter of linear" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_multi_stage_sweep_plans_its_model_only_stages_up_front(tmp_path, tiny_dir):
+    from mergeserve.sweep.runner import prepare
+
+    bad = [dict(STAGED[0], models=[{"model": "mistral-code", "parameters": {"weight": 0.5}}, {"model": "mistral-nope"}]), *STAGED[1:]]
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"recipe": bad, "models_dir": str(tiny_dir), "axes": STAGED_AXES}))
+    with pytest.raises(ConfigError, match=r"stage pair-[0-9a-f]{12}: .*mistral-nope"):
+        prepare(spec, tmp_path / "out")
+    spec.write_text(yaml.safe_dump({"recipe": STAGED, "models_dir": str(tiny_dir), "axes": STAGED_AXES}))
+    prep = prepare(spec, tmp_path / "out")
+    assert prep.planned is None and len(prep.variants) == 4 and not (tmp_path / "out").exists()
