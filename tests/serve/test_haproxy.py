@@ -74,12 +74,13 @@ def _render(run: Path, port: int, replicas: dict[str, int], fallbacks: dict[str,
     from ray.serve.config import HTTPOptions
 
     from mergeserve.serve.haproxy import app_name
-    from mergeserve.serve.ingress import RETRIES, RETRY_ON, route_prefix
+    from mergeserve.serve.ingress import HOLD_S, RETRIES, RETRY_ON, route_prefix
 
     cfg = HAProxyConfig(
         socket_path=str(run / "admin.sock"), server_state_base=str(run), server_state_file=str(run / "state"),
         metrics_socket_path=str(run / "metrics.sock"), http_options=HTTPOptions(host="127.0.0.1", port=port), is_head=True,
         stats_port=_free_port(), metrics_port=_free_port(), retry_on=RETRY_ON, retries=RETRIES,
+        hard_stop_after_s=HOLD_S,
     )
     backends = {
         m: BackendConfig(
@@ -104,6 +105,10 @@ def test_rays_template_still_fits(tmp_path):
     text = rewrite(cfg.read_text(), _policy())
     assert "mode 600" in text and "mode 666" not in text
     assert "bind :" not in text and "bind *:" not in text  # Prometheus and stats on loopback
+    from mergeserve.serve.ingress import HOLD_S, RETRIES
+
+    # held requests and long streams outlive a reload; a dead replica's requests are retried
+    assert f"hard-stop-after {HOLD_S}s" in text and f"retries {RETRIES}" in text
     with pytest.raises(RewriteError):
         rewrite("global\n    nbthread 1\n", _policy())
     # The wrapper itself, as Ray starts it: rewrite in place, then exec the real binary (here -c: check only).
