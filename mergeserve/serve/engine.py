@@ -195,8 +195,8 @@ def llm_config(
             env[FP8_CPU_WEIGHTS_ENV] = fp8_weights
             if fp8_kernel == "mergeserve":
                 env["VLLM_DISABLED_KERNELS"] = ",".join(VLLM_CPU_FP8_KERNELS)
-    # A replica whose engine died is found by its health check and replaced: check every 2 s
-    # rather than Serve's 10 s, so fewer requests meet a dead engine.
+    # A replica whose engine died ends itself (serve/ray_llm_adapter.py); the health check, every
+    # 2 s rather than Serve's 10 s, is the backstop for a replica that could not.
     deployment: dict[str, Any] = {"health_check_period_s": 2, "health_check_timeout_s": 30}
     if replicas == "auto":
         deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}

@@ -45,6 +45,16 @@ HAPROXY_THREADS = 1
 # HAProxy retries what never reached a replica, or what a replica closed without answering (it
 # died): both are safe to send again. Answers, 5xx included, are passed through.
 RETRY_ON = "conn-failure empty-response"
+# Tries after the first (each redispatched, one second apart after a refused connection): a
+# replica that ended itself (its engine died, serve/ray_llm_adapter.py) is marked down after
+# three refused connections, and the next try goes to the next server up.
+RETRIES = 6
+# A reload of HAProxy (Serve reconfigures it whenever a replica comes or goes) leaves the old
+# process to finish its requests for this long, then cuts them (Ray's default: 120 s). Requests
+# held while a dead engine's replacement starts (serve/ray_llm_adapter.py) are among them, and a
+# replacement took 130 s on a loaded 2-core machine; long streams are too. Ray derives from it how
+# long a freed replica port stays unused (plus 30 s).
+HOLD_S = 600
 # Serve's controller wakes 10 times a second by default (3-4% of a core with nothing to do); twice
 # a second still reacts to a dead replica well within its health check period.
 CONTROL_LOOP_S = 0.5
@@ -107,6 +117,7 @@ def replica_env(api_key: str | None, salt: str, loopback: bool, max_body: int = 
         # its HTTP server (as vLLM's own server does) instead of handing every streamed chunk
         # across threads, and buffers its access log.
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": str(HOLD_S),  # here too: replicas' port quarantine reads it
         MAX_BODY_ENV: str(max_body),
     }
     if api_key:
@@ -133,6 +144,7 @@ def controller_env(models: list[str], api_key: str | None, salt: str, run_dir: s
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(CONTROL_LOOP_S),
         "RAY_SERVE_HAPROXY_MAXCONN": str(MAX_CONNECTIONS),
         "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
+        "RAY_SERVE_HAPROXY_RETRIES": str(RETRIES),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{run_dir}/haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{run_dir}/admin.sock",
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{run_dir}/metrics.sock",

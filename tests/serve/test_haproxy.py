@@ -60,8 +60,10 @@ class _Echo(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _render(run: Path, port: int, replicas: dict[str, int]) -> Path:
-    """Ray's real HAProxy configuration for one app per model at /_m/<app> (as serve.run makes them)."""
+def _render(run: Path, port: int, replicas: dict[str, int], fallbacks: dict[str, int] | None = None) -> Path:
+    """Ray's real HAProxy configuration for one app per model at /_m/<app> (as serve.run makes
+    them), with the retry settings ``mergeserve serve`` gives Ray (serve/ingress.py);
+    ``fallbacks``: the port of each backend's fallback server (Serve's Python proxy), else unused."""
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     from ray.serve._private.haproxy import (
         BackendConfig,
@@ -72,18 +74,19 @@ def _render(run: Path, port: int, replicas: dict[str, int]) -> Path:
     from ray.serve.config import HTTPOptions
 
     from mergeserve.serve.haproxy import app_name
-    from mergeserve.serve.ingress import route_prefix
+    from mergeserve.serve.ingress import HOLD_S, RETRIES, RETRY_ON, route_prefix
 
     cfg = HAProxyConfig(
         socket_path=str(run / "admin.sock"), server_state_base=str(run), server_state_file=str(run / "state"),
         metrics_socket_path=str(run / "metrics.sock"), http_options=HTTPOptions(host="127.0.0.1", port=port), is_head=True,
-        stats_port=_free_port(), metrics_port=_free_port(),
+        stats_port=_free_port(), metrics_port=_free_port(), retry_on=RETRY_ON, retries=RETRIES,
+        hard_stop_after_s=HOLD_S,
     )
     backends = {
         m: BackendConfig(
             name=f"http-{app_name(m)}", path_prefix=route_prefix(m), app_name=app_name(m), ingress_deployment_name=f"LLMServer:{m}",
             servers=[ServerConfig(name=f"r-{i}", host="127.0.0.1", port=p, replica_id=f"SERVE_REPLICA::{i}")],
-            fallback_server=ServerConfig(name="fallback", host="127.0.0.1", port=_free_port()),
+            fallback_server=ServerConfig(name="fallback", host="127.0.0.1", port=(fallbacks or {}).get(m) or _free_port()),
         )
         for i, (m, p) in enumerate(replicas.items())
     }
@@ -102,6 +105,10 @@ def test_rays_template_still_fits(tmp_path):
     text = rewrite(cfg.read_text(), _policy())
     assert "mode 600" in text and "mode 666" not in text
     assert "bind :" not in text and "bind *:" not in text  # Prometheus and stats on loopback
+    from mergeserve.serve.ingress import HOLD_S, RETRIES
+
+    # held requests and long streams outlive a reload; a dead replica's requests are retried
+    assert f"hard-stop-after {HOLD_S}s" in text and f"retries {RETRIES}" in text
     with pytest.raises(RewriteError):
         rewrite("global\n    nbthread 1\n", _policy())
     # The wrapper itself, as Ray starts it: rewrite in place, then exec the real binary (here -c: check only).
@@ -217,3 +224,55 @@ def test_an_oversized_body_is_refused_from_its_headers(front):
                   + b"\r\nContent-Type: application/json\r\nContent-Length: 200000000\r\n\r\n")
         s.settimeout(5)
         assert s.recv(4096).startswith(b"HTTP/1.1 413")
+
+
+class _EndsItself(_Echo):
+    """A replica whose engine dies at its first request: it reads that request, then its process
+    ends (serve/ray_llm_adapter.py EngineGate), so the connection closes with no answer and the
+    port takes no more connections. Health checks before that are answered (it was healthy)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.close_connection = True
+        threading.Thread(target=_end, args=(self.server,), daemon=True).start()
+
+
+def _end(server):
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_request_to_a_replica_that_ended_itself_is_sent_again(tmp_path):
+    """What a replica does when its engine dies (ends its process) turns, in HAProxy, into the
+    same request sent to the next server up (here the backend's fallback, Serve's proxy, which
+    holds requests until a replacement replica runs), never a 5xx to the client: for a replica
+    that closes without answering, and for one whose port no longer takes connections."""
+    dying = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EndsItself)
+    fallback = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    for s in (dying, fallback):
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    dying.daemon_threads = True
+    gone = _free_port()  # nothing listens here
+    port = _free_port()
+    cfg = _render(tmp_path, port, {"alpha": dying.server_port, "org/beta": gone},
+                  {m: fallback.server_port for m in MODELS})
+    cfg.write_text(rewrite(cfg.read_text(), _policy()))
+    proc = subprocess.Popen([real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/-/healthz", timeout=2).status_code:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        for m in MODELS:
+            for _ in range(3):
+                r = httpx.post(url + "/v1/completions", json={"model": m, "prompt": "x"}, headers=_auth(), timeout=60)
+                assert r.status_code == 200, (m, r.status_code, r.text)
+                assert r.json()["port"] == fallback.server_port
+    finally:
+        proc.kill()
+        proc.wait(10)
+        fallback.shutdown()
