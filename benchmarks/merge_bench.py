@@ -61,10 +61,15 @@ from mergeserve.merge.phases import PHASES  # noqa: E402 - no torch: the floor's
 
 ALL_SIDES = [
     "io-floor", "mergekit", "mergekit-async", "mergeserve", "mergeserve-fp8", "mergeserve-local",
-    "mergeserve-ray", "mergeserve-ray-1w", "mergeserve-ray-2w",
+    "mergeserve-ray", "mergeserve-ray-1w", "mergeserve-ray-2w", "mergekit-1t",
 ]
 DEFAULT_SIDES = ["io-floor", "mergekit", "mergekit-async", "mergeserve", "mergeserve-fp8", "mergeserve-local"]
-MERGEKIT = ("mergekit", "mergekit-async")
+MERGEKIT = ("mergekit", "mergekit-async")  # the speed peers
+# mergekit with one torch thread: the reference of --verify. With several threads torch splits the
+# reductions of slerp's dot products and norms differently from run to run, so a few coefficients
+# (and every element of their tensors) differ in the last bit; mergeserve runs each op on one thread.
+MERGEKIT_REFERENCE = "mergekit-1t"
+SIDE_ENV = {MERGEKIT_REFERENCE: {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
 CHUNK = 16 << 20  # the floor's read and write size
 
 
@@ -90,6 +95,7 @@ def command(side: str, cfg: Path, a: Path, b: Path, out: Path, cold: bool) -> li
         "io-floor": floor,
         "mergekit": mk,
         "mergekit-async": mk + ["--async-write"],
+        "mergekit-1t": mk,
         "mergeserve": ms,
         "mergeserve-fp8": ms + ["--out-dtype", "fp8"],
         "mergeserve-local": ms + ["--local"],
@@ -235,9 +241,9 @@ def parse_summary(text: str) -> dict:
     return got
 
 
-def run_one(cmd: list[str], out: Path) -> dict:
+def run_one(cmd: list[str], out: Path, side_env: dict | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", **(side_env or {}))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -381,7 +387,7 @@ def main() -> None:
                 drop_caches()
             else:
                 warm(ma, mb)
-            res = run_one(command(s, cfg, ma, mb, out, cold), out)
+            res = run_one(command(s, cfg, ma, mb, out, cold), out, SIDE_ENV.get(s))
             if a.verify and r == 0 and s != "io-floor" and s != "mergeserve-fp8":
                 digests[s] = output_digests(out)
             shutil.rmtree(out, ignore_errors=True)
@@ -393,11 +399,12 @@ def main() -> None:
                 flush=True,
             )
     res = {"shape": a.shape, "rounds": a.rounds, "cold": cold, "cpus": os.cpu_count(), "sides": summarize(runs)}
-    ref = next((digests[s] for s in MERGEKIT if s in digests), None)
-    if ref is not None:
-        res["equal_to_mergekit"] = {
+    ref_side = next((s for s in (MERGEKIT_REFERENCE, *MERGEKIT) if s in digests), None)
+    if ref_side is not None:
+        ref = digests[ref_side]
+        res["equal_to_mergekit"] = {"reference": ref_side} | {
             s: "equal" if d == ref else f"{sum(d.get(k) != v for k, v in ref.items())} of {len(ref)} tensors differ"
-            for s, d in digests.items() if s not in MERGEKIT
+            for s, d in digests.items() if s != ref_side
         }
     text = table(res)
     print(text)
