@@ -13,8 +13,9 @@ alike) with the inputs warmed into the page cache: wall time and peak RSS of the
 read against the stages merged one by one (what mergekit-multi reads; mergeserve's from its
 summary). Writes multistage-SHAPE[-TAG].json and .md to --out.
 
-Sides: mergekit-multi; mergeserve (``mergeserve merge``: one Ray job, embedded Ray's start-up
-included); mergeserve-local (``--local``: one process, no Ray).
+Sides: mergekit-multi; mergeserve (``mergeserve merge``, the default: one process, independent
+stages merged together from shared reads); mergeserve-ray (``--address local``: one Ray job,
+embedded Ray's start-up included); mergeserve-local (``--local``: one process).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.merge_bench import BIN, recipe, tree_rss, warm  # noqa: E402
 from mergeserve.synthetic import SHAPES, make_random_model  # noqa: E402
 
-ALL_SIDES = ["mergekit-multi", "mergeserve", "mergeserve-local"]
-DEFAULT_SIDES = ["mergekit-multi", "mergeserve"]
+ALL_SIDES = ["mergekit-multi", "mergeserve", "mergeserve-ray", "mergeserve-local"]
+DEFAULT_SIDES = ["mergekit-multi", "mergeserve", "mergeserve-ray"]
 # mergeserve's summary line for a multi-stage recipe (merge/stage_run.py, StagesResult.summary)
 READ_LINE = re.compile(r"read ([0-9.]+) GB of inputs; the stages one by one would read ([0-9.]+) GB")
 
@@ -61,6 +62,7 @@ def command(side: str, cfg: Path, out: Path, inter: Path, shard: str) -> list[st
         "mergekit-multi": [str(BIN / "mergekit-multi"), str(cfg), "--out-path", str(out), "-I", str(inter),
                            "--out-shard-size", shard, "--quiet"],
         "mergeserve": ms,
+        "mergeserve-ray": ms + ["--address", "local"],
         "mergeserve-local": ms + ["--local", "--out-shard-size", shard],
     }[side]
 
