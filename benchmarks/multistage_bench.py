@@ -31,13 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.merge_bench import BIN, recipe, tree_rss, warm  # noqa: E402
+from benchmarks.merge_bench import BIN, Tree, recipe, warm  # noqa: E402
 from mergeserve.synthetic import SHAPES, make_random_model  # noqa: E402
 
 ALL_SIDES = ["mergekit-multi", "mergeserve", "mergeserve-ray", "mergeserve-local"]
@@ -73,10 +72,11 @@ def run_one(cmd: list[str], out: Path, inter: Path) -> tuple[float, int, str]:
         shutil.rmtree(d, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    ps, peak = psutil.Process(proc.pid), 0
+    tree = Tree(proc.pid)
     while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
+        tree.sample()
         time.sleep(0.02)
+    peak = tree.peak
     wall = time.perf_counter() - t0
     text, err = proc.stdout.read().decode(errors="replace"), proc.stderr.read().decode(errors="replace")
     if proc.returncode != 0:

@@ -47,17 +47,16 @@ def _timed(cmd: list[str], out: Path, keep: bool = False) -> tuple[float, int, s
     import os
     import subprocess
 
-    import psutil
-
-    from benchmarks.merge_bench import tree_rss
+    from benchmarks.merge_bench import Tree
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    ps, peak = psutil.Process(proc.pid), 0
+    tree = Tree(proc.pid)
     while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
+        tree.sample()
         time.sleep(0.02)
+    peak = tree.peak
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-3000:]}")
@@ -96,7 +95,7 @@ def part_write(work: Path, rounds: int) -> dict:
         warm(ma, mb)
         t0, peak = time.perf_counter(), 0
         for c in cfgs:
-            _, p, *_ = run_one([str(BIN / "mergekit-yaml"), str(c), str(work / "mk-out"), "--quiet"], work / "mk-out")
+            p = run_one([str(BIN / "mergekit-yaml"), str(c), str(work / "mk-out"), "--quiet"], work / "mk-out")["peak_rss"]
             peak = max(peak, p)
         res["mergekit-x16"].append(time.perf_counter() - t0)
         res["mergekit_rss"].append(peak)
