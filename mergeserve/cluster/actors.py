@@ -47,9 +47,9 @@ class Worker:
 
 
 class MergeWorker(Worker):
-    def run_part(self, batch: Any, part: Any, out_dirs: Sequence[str]) -> Any:
+    def run_part(self, batch: Any, part: Any, out_dirs: Sequence[str], direct: bool = True) -> Any:
         """Merge ``part`` (a cluster.parts.Part) of every plan of ``batch`` (a merge.multi.Batch)
         into its shard's file in that plan's directory of ``out_dirs``; returns its PartResult."""
         from mergeserve.cluster.parts import run_part
 
-        return run_part(batch, part, out_dirs, sources=self.sources_for(batch), device=self.device, worker=self.name)
+        return run_part(batch, part, out_dirs, sources=self.sources_for(batch), device=self.device, worker=self.name, direct=direct)

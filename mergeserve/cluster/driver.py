@@ -116,6 +116,7 @@ class Run:
     name: str = ""  # names the run in errors (a multi-stage recipe's stages)
     parts: list = field(default_factory=list)  # PartResults merged
     asm: Any = None  # the ShardAssembler, once dispatched
+    direct: bool = True  # O_DIRECT writes; False for outputs read back at once (MergeOptions.read_back)
 
     @property
     def dirs(self) -> list[str]:
@@ -251,7 +252,8 @@ def prepare_batch(planned: list[tuple[Any, str, Any, Path]], o: MergeOptions, na
         for out in outputs:
             out.stage.discard()
         raise
-    return Run(outputs, batch, {}, PartQueue(split_parts(batch.shards, max(o.workers or 0, os.cpu_count() or 1))), name)
+    parts = PartQueue(split_parts(batch.shards, max(o.workers or 0, os.cpu_count() or 1)))
+    return Run(outputs, batch, {}, parts, name, direct=not o.read_back)
 
 
 def _run(run: Run, pool: WorkerPool, progress: bool, t0: float, where: str) -> MergeResult:
@@ -354,7 +356,7 @@ def dispatch(runs: list[Run], pool: WorkerPool, bar, on_done: Callable[[Run], li
             break
         while pool.idle and (item := take()) is not None:
             run, part = item
-            pool.submit("run_part", (refs[id(run)], part, run.dirs), (run, part), run.label(part))
+            pool.submit("run_part", (refs[id(run)], part, run.dirs, run.direct), (run, part), run.label(part))
         helpers = any(r.work.helpers_busy for r in active)
         if not pool.busy:
             if not helpers and all(r.work.events.empty() for r in active):

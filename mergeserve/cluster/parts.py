@@ -84,7 +84,7 @@ def prepare_shard(out_dir: str | Path, shard: ShardTask) -> None:
 
 def run_part(
     batch: Batch, part: Part, out_dirs: Sequence[str | Path], *, sources: SourceCache, device: str = "cpu",
-    worker: str = "local", should_stop: Callable[[], bool] | None = None,
+    worker: str = "local", should_stop: Callable[[], bool] | None = None, direct: bool = True,
 ) -> PartResult:
     """Merge the tensors of ``part`` for every plan of ``batch`` and write them into each plan's
     shard ``.tmp`` file (plan ``k``'s in ``out_dirs[k]``); ``sources`` reads the batch's models.
@@ -103,7 +103,7 @@ def run_part(
     writers = []
     try:
         for d in out_dirs:
-            writers.append(SlotWriter(tmp_path(Path(d) / layout.filename), slots))
+            writers.append(SlotWriter(tmp_path(Path(d) / layout.filename), slots, direct=direct))
     except BaseException:
         for w in writers:
             w.abort()

@@ -224,7 +224,7 @@ def merge_together(
             for k, layout in enumerate(batch.shards):
                 got = run_shard_many(
                     batch, k, [s.path for s in stages], sources=sources, device=o.device, threads=threads,
-                    on_position=count,
+                    on_position=count, direct=not o.read_back,
                 )
                 for acc, r in zip(shards, got):
                     acc.append(r)

@@ -288,11 +288,12 @@ def commit_shard(
     )
 
 
-def shard_writer(path: str | Path, shard: ShardTask) -> SlotWriter:
+def shard_writer(path: str | Path, shard: ShardTask, *, direct: bool = True) -> SlotWriter:
     """A writer of every tensor of ``shard`` into a new file at ``path``: pre-sized, filled with
     O_DIRECT writes (filling fresh page-cache pages costs more CPU than the merge math on a small
-    machine, and a merge's output is not read back by it)."""
-    return SlotWriter.whole_file(path, ShardLayout(shard.outputs()))
+    machine, and a merge's output is not read back by it). ``direct=False``: through the page
+    cache, for an output that is read back at once (a multi-stage recipe's intermediate stage)."""
+    return SlotWriter.whole_file(path, ShardLayout(shard.outputs()), direct=direct)
 
 
 def run_shard(

@@ -131,6 +131,7 @@ def run_shard_many(
     threads: int = 1,
     on_position: Callable[[int], None] | None = None,
     worker: str = "local",
+    direct: bool = True,
 ) -> list[ShardResult] | list[dict[str, torch.Tensor]]:
     """Shard ``shard_index`` of every plan (one layout: see :class:`Batch`), from one read of its sources.
 
@@ -151,7 +152,7 @@ def run_shard_many(
             def report(i: int) -> None:
                 on_position(position_bytes(src, positions[i]))
 
-        sinks = _sinks(shards, out_dirs)
+        sinks = _sinks(shards, out_dirs, direct)
         outcome = Executor(src, device, threads).run(
             batch.methods, positions, sinks, label=shards[0].filename, on_position=report
         )
@@ -164,14 +165,14 @@ def run_shard_many(
     ]
 
 
-def _sinks(shards: Sequence, out_dirs: Sequence[str | Path] | None) -> list[Sink]:
+def _sinks(shards: Sequence, out_dirs: Sequence[str | Path] | None, direct: bool = True) -> list[Sink]:
     """In memory, or one file per plan (see :func:`~mergeserve.merge.executor.shard_writer`)."""
     if out_dirs is None:
         return [MemorySink() for _ in shards]
     sinks: list[Sink] = []
     try:
         for d, s in zip(out_dirs, shards):
-            sinks.append(shard_writer(tmp_path(Path(d) / s.filename), s))
+            sinks.append(shard_writer(tmp_path(Path(d) / s.filename), s, direct=direct))
     except BaseException:
         for w in sinks:
             w.abort()

@@ -38,6 +38,7 @@ class MergeOptions:
     address: str | None = None  # Ray: 'local' (start one here), 'auto' or host:port (join); None: this process
     workers: int | None = None  # merge threads in this process, or Ray actors (default: one per CPU; on Ray one per GPU if any)
     resume: bool = False  # finish an interrupted run, verifying finished shards and the inputs they read (multi-stage: finished stages)
+    read_back: bool = False  # the outputs are read again at once (multi-stage intermediates): written through the page cache, not O_DIRECT
     keep_intermediates: bool = False  # multi-stage recipes: keep each stage's checkpoint as OUT/stages/NAME
 
     @classmethod

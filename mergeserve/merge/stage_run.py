@@ -189,6 +189,7 @@ class StageQueue:
         self.reused: list[str] = []  # stages verified and reused
         self.groups: list[list[str]] = []  # stages merged together, in the order started
         self.bytes_read = 0  # source bytes the merged stages read
+        self.read_back = {d for s in self.stages for d in s.deps}  # stages other stages read
 
     def ready(self) -> list[list[PlannedStage]]:
         """Stages whose inputs are complete (not started before), planned and grouped (see
@@ -232,7 +233,8 @@ def merge_queue(queue: StageQueue) -> None:
 
     while groups := queue.ready():
         for group in groups:
-            results, read = merge_together([(s.config, s.text, s.plan, s.dest) for s in group], queue.options)
+            o = replace(queue.options, read_back=any(s.name in queue.read_back for s in group))
+            results, read = merge_together([(s.config, s.text, s.plan, s.dest) for s in group], o)
             for k, (s, r) in enumerate(zip(group, results)):
                 queue.finished(s, r, read if k == 0 else 0)
 

@@ -257,13 +257,13 @@ class SlotWriter(_QueuedWriter):
         self._thread.start()
 
     @classmethod
-    def whole_file(cls, path: str | Path, layout: ShardLayout) -> SlotWriter:
+    def whole_file(cls, path: str | Path, layout: ShardLayout, *, direct: bool = True) -> SlotWriter:
         """A writer of every tensor of a new file of ``layout``, in order (the file grows with them:
         a full disk shows where it happens); :meth:`abort` removes the file."""
         path = Path(path)
         create_sized(path, layout, sized=False)
         try:
-            writer = cls(path, layout.tensors)
+            writer = cls(path, layout.tensors, direct=direct)
         except BaseException:
             path.unlink(missing_ok=True)
             raise

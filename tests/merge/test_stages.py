@@ -132,6 +132,25 @@ def test_final_checkpoint_equals_mergekit_multi_and_shared_inputs_are_read_once(
     assert "the stages one by one would read" in result.summary()
 
 
+def test_intermediates_go_through_the_page_cache_and_the_final_does_not(random_models, tmp_path, monkeypatch):
+    """The next stage reads an intermediate back at once: it is written buffered (from the page
+    cache the read costs no disk time); the final output is written with O_DIRECT."""
+    from mergeserve.merge import multi
+
+    seen: dict[str, bool] = {}
+    real = multi.shard_writer
+
+    def recording(path, shard, *, direct=True):
+        seen[Path(path).parent.name.removeprefix(".").removesuffix(".partial")] = direct  # the stage's staging directory
+        return real(path, shard, direct=direct)
+
+    monkeypatch.setattr(multi, "shard_writer", recording)
+    recipe = tmp_path / "multi.yaml"
+    recipe.write_text(_text(DOCS))
+    merge_stages(load_stages(recipe), tmp_path / "out", MergeOptions(progress=False, models_dir=random_models["root"]))
+    assert seen == {"pair": False, "side": False, "blend": False, "__final__": True}
+
+
 def test_plan_only_prints_the_dag_and_the_stages_merged_together(random_models, tmp_path, capsys):
     recipe = tmp_path / "multi.yaml"
     recipe.write_text(_text(DOCS))
