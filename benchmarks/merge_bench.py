@@ -241,10 +241,10 @@ def parse_summary(text: str) -> dict:
     return got
 
 
-def run_one(cmd: list[str], out: Path, side_env: dict | None = None) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", **(side_env or {}))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def run_sampled(cmd: list[str], env: dict | None = None) -> tuple[float, Tree, str]:
+    """Run ``cmd`` to its end (HF_HUB_OFFLINE=1, plus ``env``), sampling its process tree every
+    20 ms: (wall seconds, the Tree, stdout). A failed command ends the benchmark with its stderr."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", **(env or {}))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     tree = Tree(proc.pid)
@@ -252,17 +252,23 @@ def run_one(cmd: list[str], out: Path, side_env: dict | None = None) -> dict:
         tree.sample()
         time.sleep(0.02)
     wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     err = proc.stderr.read().decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    res = {
+    return wall, tree, proc.stdout.read().decode(errors="replace")
+
+
+def run_one(cmd: list[str], out: Path, side_env: dict | None = None) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, tree, text = run_sampled(cmd, side_env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
         "wall_s": wall, "peak_rss": tree.peak,
         "read_gb_s": tree.read_bytes / 1e9 / wall, "write_gb_s": tree.write_bytes / 1e9 / wall,
         "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-        **parse_summary(proc.stdout.read().decode(errors="replace")),
+        **parse_summary(text),
     }
-    return res
 
 
 def output_digests(out: Path) -> dict[str, str]:

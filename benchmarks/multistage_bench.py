@@ -26,9 +26,7 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -36,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.merge_bench import BIN, Tree, recipe, warm  # noqa: E402
+from benchmarks.merge_bench import BIN, recipe, run_sampled, warm  # noqa: E402
 from mergeserve.synthetic import SHAPES, make_random_model  # noqa: E402
 
 ALL_SIDES = ["mergekit-multi", "mergeserve", "mergeserve-ray", "mergeserve-local"]
@@ -70,20 +68,10 @@ def run_one(cmd: list[str], out: Path, inter: Path) -> tuple[float, int, str]:
     """(wall seconds, peak RSS of the process tree, stdout) of one whole-process run."""
     for d in (out, inter):
         shutil.rmtree(d, ignore_errors=True)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    tree = Tree(proc.pid)
-    while proc.poll() is None:
-        tree.sample()
-        time.sleep(0.02)
-    peak = tree.peak
-    wall = time.perf_counter() - t0
-    text, err = proc.stdout.read().decode(errors="replace"), proc.stderr.read().decode(errors="replace")
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    wall, tree, text = run_sampled(cmd)
     for d in (out, inter):
         shutil.rmtree(d, ignore_errors=True)
-    return wall, peak, text
+    return wall, tree.peak, text
 
 
 def main() -> None:

@@ -44,26 +44,14 @@ def slerp_recipe(a: Path, b: Path, layers: int, t) -> dict:
 
 def _timed(cmd: list[str], out: Path, keep: bool = False) -> tuple[float, int, str]:
     """run_one, but keeping OUT's results.json (read before it is removed)."""
-    import os
-    import subprocess
-
-    from benchmarks.merge_bench import Tree
+    from benchmarks.merge_bench import run_sampled
 
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    tree = Tree(proc.pid)
-    while proc.poll() is None:
-        tree.sample()
-        time.sleep(0.02)
-    peak = tree.peak
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-3000:]}")
+    wall, tree, _ = run_sampled(cmd)
     summary = (out / "results.json").read_text() if (out / "results.json").exists() else "{}"
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
-    return wall, peak, summary
+    return wall, tree.peak, summary
 
 
 def part_write(work: Path, rounds: int) -> dict:

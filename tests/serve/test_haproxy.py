@@ -130,23 +130,30 @@ def front(tmp_path_factory):
     port = _free_port()
     cfg = _render(run, port, ports)
     cfg.write_text(rewrite(cfg.read_text(), _policy(max_body_bytes=4096, slow_request_s=2)))
-    proc = subprocess.Popen([real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _start(cfg, port)
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/-/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         yield url, ports, proc.pid
     finally:
         proc.kill()
         proc.wait(10)
         for s in servers.values():
             s.shutdown()
+
+
+def _start(cfg: Path, port: int, *, healthy: bool = True) -> tuple[subprocess.Popen, str]:
+    """The real HAProxy binary on ``cfg``, once ``/-/healthz`` on ``port`` answers (200 with
+    ``healthy``, else any status; within 30 s): (process, URL)."""
+    proc = subprocess.Popen([real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/-/healthz", timeout=2).status_code == 200 or not healthy:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return proc, url
 
 
 def _auth(key: str = KEY) -> dict:
@@ -257,16 +264,8 @@ def test_a_request_to_a_replica_that_ended_itself_is_sent_again(tmp_path):
     cfg = _render(tmp_path, port, {"alpha": dying.server_port, "org/beta": gone},
                   {m: fallback.server_port for m in MODELS})
     cfg.write_text(rewrite(cfg.read_text(), _policy()))
-    proc = subprocess.Popen([real_binary(), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _start(cfg, port, healthy=False)
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/-/healthz", timeout=2).status_code:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         for m in MODELS:
             for _ in range(3):
                 r = httpx.post(url + "/v1/completions", json={"model": m, "prompt": "x"}, headers=_auth(), timeout=60)
