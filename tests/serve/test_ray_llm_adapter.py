@@ -139,5 +139,5 @@ def test_a_replica_that_serve_stops_does_not_count_its_engine_as_dead():
     server = LLMServer.__new__(LLMServer)  # no Ray replica around it: only the two methods are used
     server.engine = DeadEngine()
     assert isinstance(asyncio.run(server._engine_dead()), RuntimeError)
-    server._stopping = True
-    assert asyncio.run(server._engine_dead()) is None
+    asyncio.run(server.__del__())  # what Serve awaits when it stops the replica
+    assert server._stopping and asyncio.run(server._engine_dead()) is None
