@@ -64,8 +64,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
         return 0
     from mergeserve.merge.api import merge, wants_ray
 
-    if a.local and a.address is not None:
-        raise ConfigError("--local and --address exclude each other (--local: merge in this process; --address: on Ray)")
+    _check_where(a)
     if not a.local and wants_ray(options):
         from mergeserve.cluster.driver import merge_distributed
 
@@ -76,6 +75,11 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_where(a: argparse.Namespace) -> None:
+    if a.local and a.address is not None:
+        raise ConfigError("--local and --address exclude each other (--local: merge in this process; --address: on Ray)")
+
+
 def _merge_stages(a: argparse.Namespace, graph, options) -> int:
     if a.plan_only:
         from mergeserve.merge.stage_run import describe_stages
@@ -84,8 +88,7 @@ def _merge_stages(a: argparse.Namespace, graph, options) -> int:
         return 0
     from mergeserve.merge.api import wants_ray
 
-    if a.local and a.address is not None:
-        raise ConfigError("--local and --address exclude each other (--local: merge in this process; --address: on Ray)")
+    _check_where(a)
     if a.local or not wants_ray(options):
         from mergeserve.merge.stage_run import merge_stages
 

@@ -190,10 +190,9 @@ def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> Run:
     from mergeserve.cluster.parts import prepare_shard, split_parts
     from mergeserve.cluster.work import PartQueue
     from mergeserve.merge.api import check_device, plan_merge, protected_inputs
-    from mergeserve.merge.execute import SourceCache
     from mergeserve.merge.multi import Batch
     from mergeserve.merge.options import AUTO
-    from mergeserve.merge.resume import abandon, load_done_shards, write_run_state
+    from mergeserve.merge.resume import abandon, start_run
     from mergeserve.merge.writer import StagingDir
 
     if o.out_shard_size in (None, AUTO):
@@ -203,15 +202,7 @@ def _prepare_run(config: Any, out_dir: str | Path, o: MergeOptions) -> Run:
         check_device(o.device)
     stage = StagingDir(out_dir, overwrite=o.overwrite or o.resume, resume=o.resume, protect=protected_inputs(plan, o.models_dir))
     try:
-        if o.resume:
-            sources = SourceCache(plan)
-            try:
-                done = load_done_shards(stage.path, plan, sources)
-            finally:
-                sources.close()
-        else:
-            done = {}
-            write_run_state(stage.path, plan)
+        done = start_run(stage.path, plan, o.resume)
         todo = [s for s in plan.shards if s.index not in done]
         for s in todo:
             prepare_shard(stage.path, s)

@@ -16,7 +16,6 @@ pool its caller holds (a sweep merges its variants' shared stages so).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,8 +89,7 @@ class _Jobs:
 
         new = []
         for group in self.queue.ready():
-            o = replace(self.queue.options, read_back=any(s.name in self.queue.read_back for s in group))
-            r = prepare_batch([(s.config, s.text, s.plan, s.dest) for s in group], o,
+            r = prepare_batch([(s.config, s.text, s.plan, s.dest) for s in group], self.queue.options_for(group),
                               name="stage " + ", ".join(s.name for s in group))
             self.runs.append(r)
             self.groups[id(r)] = (group, time.perf_counter())

@@ -32,7 +32,7 @@ from mergeserve.merge.outputs import check_tokenizer, write_metadata
 from mergeserve.merge.phases import describe, summed
 from mergeserve.merge.plan import MergePlan, build_plan
 from mergeserve.merge.readahead import READ_THREADS, ReadAhead
-from mergeserve.merge.resume import abandon, clear_run_state, kept_for_resume, load_done_shards, write_done_record, write_run_state
+from mergeserve.merge.resume import abandon, clear_run_state, kept_for_resume, start_run, write_done_record
 from mergeserve.merge.untrusted import model_bound
 from mergeserve.merge.writer import StagingDir
 
@@ -139,14 +139,12 @@ def merge(
     o = MergeOptions.of(options, **changes)
     cfg, text, plan = plan_merge(config, o)
     check_device(o.device)
-    threads = o.workers or ((os.cpu_count() or 1) if o.device == "cpu" else 2)
+    threads = merge_threads(o)
     stage = StagingDir(out_dir, overwrite=o.overwrite or o.resume, resume=o.resume, protect=protected_inputs(plan, o.models_dir))
     sources = SourceCache(plan)
     try:
         try:
-            done = load_done_shards(stage.path, plan, sources) if o.resume else {}
-            if not o.resume:
-                write_run_state(stage.path, plan)
+            done = start_run(stage.path, plan, o.resume, sources)
         except BaseException:
             abandon(stage)
             raise
@@ -175,6 +173,12 @@ def merge(
         out, plan, sorted(results, key=lambda r: r.index), time.perf_counter() - t0, peak_rss_bytes(), resumed=len(done),
         where=where, cpu=summed(r.cpu for r in merged), read_wait=sum(r.read_wait for r in merged),
     )
+
+
+def merge_threads(options: MergeOptions) -> int:
+    """Positions merged at once in this process: ``workers``, else one per CPU (each torch op runs
+    single-threaded), or two on a GPU (one computing while the other's tensors move)."""
+    return options.workers or ((os.cpu_count() or 1) if options.device == "cpu" else 2)
 
 
 def wants_ray(options: MergeOptions) -> bool:
@@ -206,7 +210,7 @@ def merge_together(
     t0 = time.perf_counter()
     o = options
     check_device(o.device)
-    threads = (os.cpu_count() or 1) if o.device == "cpu" else 2
+    threads = merge_threads(o)
     batch = Batch.of([plan for _, _, plan, _ in planned])
     read = 0
 

@@ -106,6 +106,24 @@ def read_sources(sources, shards: list[ShardTask]) -> dict[Key, str]:
         return dict(reads.digests)
 
 
+def start_run(stage: Path, plan: MergePlan, resume: bool, sources=None) -> dict[int, ShardResult]:
+    """The shards an interrupted run finished that are reused (``resume``; see
+    :func:`load_done_shards`, reading through ``sources`` or a SourceCache opened for it), else
+    none, the run state of a fresh run being written."""
+    if not resume:
+        write_run_state(stage, plan)
+        return {}
+    if sources is not None:
+        return load_done_shards(stage, plan, sources)
+    from mergeserve.merge.execute import SourceCache
+
+    own = SourceCache(plan)
+    try:
+        return load_done_shards(stage, plan, own)
+    finally:
+        own.close()
+
+
 def load_done_shards(stage: Path, plan: MergePlan, sources) -> dict[int, ShardResult]:
     """The finished shards of an interrupted run that can be reused as they are (see the module);
     the others' files are removed. ResumeError if there is no run, another run, or an older one.

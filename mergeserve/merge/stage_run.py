@@ -189,7 +189,7 @@ class StageQueue:
         self.reused: list[str] = []  # stages verified and reused
         self.groups: list[list[str]] = []  # stages merged together, in the order started
         self.bytes_read = 0  # source bytes the merged stages read
-        self.read_back = {d for s in self.stages for d in s.deps}  # stages other stages read
+        self._read_back = {d for s in self.stages for d in s.deps}  # stages other stages read
 
     def ready(self) -> list[list[PlannedStage]]:
         """Stages whose inputs are complete (not started before), planned and grouped (see
@@ -214,6 +214,10 @@ class StageQueue:
         self.groups += [[s.name for s in g] for g in groups]
         return groups
 
+    def options_for(self, group: Sequence[PlannedStage]) -> MergeOptions:
+        """How ``group`` is merged: written through the page cache when another stage reads it back."""
+        return replace(self.options, read_back=any(s.name in self._read_back for s in group))
+
     def finished(self, stage: PlannedStage, result: Any, bytes_read: int = 0) -> None:
         """Record a merged stage (``result``: its MergeResult); ``bytes_read``: what its merge read
         (for a group merged together, give the group's reads with one of its stages)."""
@@ -233,8 +237,7 @@ def merge_queue(queue: StageQueue) -> None:
 
     while groups := queue.ready():
         for group in groups:
-            o = replace(queue.options, read_back=any(s.name in queue.read_back for s in group))
-            results, read = merge_together([(s.config, s.text, s.plan, s.dest) for s in group], o)
+            results, read = merge_together([(s.config, s.text, s.plan, s.dest) for s in group], queue.options_for(group))
             for k, (s, r) in enumerate(zip(group, results)):
                 queue.finished(s, r, read if k == 0 else 0)
 
