@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mergeserve.merge import kernels
 from mergeserve.merge.methods.registry import MethodSpec, Param, register
 
 CHUNK = 1 << 20
@@ -32,19 +33,29 @@ def _spans(n: int) -> list[tuple[int, int]]:
     return [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
 
 
+def _chunk_norms(v: torch.Tensor, dtype: torch.dtype, fused: bool) -> torch.Tensor:
+    """Norm of each CHUNK-element piece of flat ``v``, as float32 (or float64) ``[pieces]``."""
+    if fused and kernels.norms_match_torch():
+        return kernels.chunk_norms(v, CHUNK)
+    # vector_norm(dtype=...) upcasts inside the reduction: same bits, no float32 copy.
+    return torch.stack([torch.linalg.vector_norm(v[s:e], dtype=dtype) for s, e in _spans(v.numel())])
+
+
 def _geometry(va: torch.Tensor, vb: torch.Tensor, dtype: torch.dtype, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
     """The clamped cosine between two flat vectors, accumulated per chunk as mergekit does."""
-    spans = _spans(va.numel())
-    # vector_norm(dtype=...) upcasts inside the reduction: same bits, no float32 copy.
-    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(va[s:e], dtype=dtype) for s, e in spans]))
-    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(vb[s:e], dtype=dtype) for s, e in spans]))
+    fused = kernels.fusable(va, vb) and dtype == torch.float32  # one pass a step, same bits (kernels.py)
+    na = torch.linalg.vector_norm(_chunk_norms(va, dtype, fused))
+    nb = torch.linalg.vector_norm(_chunk_norms(vb, dtype, fused))
     na = torch.where(na > EPS, na, 1)
     nb = torch.where(nb > EPS, nb, 1)
-    # Each chunk is converted into two reused float32 buffers and every step is done in place:
-    # the same operations, in the same order, as ``(x.to(f32) / na) * (y.to(f32) / nb)`` (so the
-    # same bits), without a fresh 4 MB temporary per step. The buffers stay in cache.
+    # Unfused, each chunk is converted into two reused float32 buffers and every step is done in
+    # place: the same operations, in the same order, as ``(x.to(f32) / na) * (y.to(f32) / nb)``
+    # (so the same bits), without a fresh 4 MB temporary per step. The buffers stay in cache.
     dots = []
-    for s, e in spans:
+    for s, e in _spans(va.numel()):
+        if fused:
+            dots.append(kernels.scaled_product(va[s:e], vb[s:e], na.item(), nb.item(), bx).sum())
+            continue
         x, y = bx[: e - s], by[: e - s]
         x.copy_(va[s:e]).div_(na)
         y.copy_(vb[s:e]).div_(nb)
@@ -62,6 +73,9 @@ def _apply(t: float, dot: torch.Tensor, a: torch.Tensor, va: torch.Tensor, vb: t
     ca = torch.where(colinear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     cb = torch.where(colinear, tt, torch.sin(tt * theta) / sin_theta)
     out = torch.empty(va.shape, dtype=a.dtype, device=a.device)
+    if kernels.fusable(va, vb) and dtype == torch.float32:  # one pass, same bits (see kernels.py)
+        kernels.combine(va, vb, ca.item(), cb.item(), out)
+        return out.reshape(a.shape)
     for s, e in _spans(va.numel()):  # same ops and order as ca * x.to(f32) + cb * y.to(f32)
         x, y = bx[: e - s], by[: e - s]
         x.copy_(va[s:e]).mul_(ca)

@@ -1,0 +1,68 @@
+"""The fused bfloat16 kernels against the torch expressions they replace, bit for bit, and the
+slerp that uses them against mergekit 0.1.5's own function on tensors of several chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergeserve.merge import kernels
+from mergeserve.merge.methods.slerp import CHUNK, slerp_pair, slerp_pairs
+
+# Odd sizes, so the compiled loops' vector bodies and scalar tails are both exercised.
+N = 3 * CHUNK + 1237
+
+
+def _bf16(n: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
+
+
+def _specials() -> torch.Tensor:
+    """Values where rounding to bfloat16 is delicate: ties, subnormals, infinities, NaN."""
+    return torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.0e38, -3.0e38, float("inf"), float("-inf"), float("nan"),
+                         1.00390625, 1.01171875, 65504.0], dtype=torch.float32).bfloat16()
+
+
+def test_combine_equals_the_torch_expression_bit_for_bit():
+    a, b = _bf16(N, 1), _bf16(N, 2, scale=3.0)
+    a[:12], b[:12] = _specials(), _specials().flip(0)
+    for ca, cb in [(0.3, 0.7), (0.123456789, -1.987654321), (1e30, 1e30), (0.5, 0.5)]:
+        ca32, cb32 = torch.tensor(ca, dtype=torch.float32), torch.tensor(cb, dtype=torch.float32)
+        want = (ca32 * a.float() + cb32 * b.float()).bfloat16()
+        got = kernels.combine(a, b, ca32.item(), cb32.item(), torch.empty_like(a))
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (ca, cb)
+
+
+def test_scaled_product_equals_the_torch_expression_bit_for_bit():
+    a, b = _bf16(N, 3), _bf16(N, 4, scale=1e-3)
+    a[:12] = _specials()
+    na, nb = torch.tensor(1234.567, dtype=torch.float32), torch.tensor(0.0321, dtype=torch.float32)
+    want = (a.float() / na) * (b.float() / nb)
+    got = kernels.scaled_product(a, b, na.item(), nb.item(), torch.empty(N + 5))
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_only_contiguous_cpu_bfloat16_is_fusable():
+    a = _bf16(64, 5).reshape(8, 8)
+    assert kernels.fusable(a, a)
+    assert not kernels.fusable(a, a.t())
+    assert not kernels.fusable(a, a.float())
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.75, 1.0])
+def test_fused_slerp_equals_mergekit_on_tensors_of_several_chunks(t):
+    from mergekit.merge_methods.slerp import slerp as mergekit_slerp
+
+    a = _bf16(N, 6).reshape(1, -1)  # mergekit keeps a leading output axis: one row here
+    b = (a.float() + 0.7 * _bf16(N, 7).float().reshape(1, -1)).bfloat16()
+    want = mergekit_slerp(torch.tensor([t]), a, b).to(torch.bfloat16)
+    assert torch.equal(slerp_pair(t, a, b).view(torch.int16), want.view(torch.int16))
+
+
+def test_fused_slerp_takes_the_lerp_branch_on_near_colinear_inputs_as_mergekit_does():
+    from mergekit.merge_methods.slerp import slerp as mergekit_slerp
+
+    a = _bf16(N, 8).reshape(1, -1)
+    b = (a.float() * 1.0001).bfloat16()
+    want = mergekit_slerp(torch.tensor([0.4]), a, b).to(torch.bfloat16)
+    assert torch.equal(slerp_pairs([0.4], a, b)[0].view(torch.int16), want.view(torch.int16))
