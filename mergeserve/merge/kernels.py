@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,34 @@ def norms_match_torch() -> bool:
         a = (torch.randn(n, generator=gen) * 7).bfloat16()
         want = torch.linalg.vector_norm(a.float().reshape(1, -1), dim=1)
         if not torch.equal(chunk_norms(a, n).view(torch.int32), want.view(torch.int32)):
+            return False
+    return True
+
+
+def weighted_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor, den: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = (acc / den).bfloat16()`` with ``acc = 0; acc.addcmul_(x, w)`` for each ``x``, ``w``
+    in order, in float32 (torch fuses each step into one multiply-add); all bfloat16 of shape
+    ``[n]``, ``weights`` float32 ``[len(xs)]``. Bit for bit that torch expression where
+    :func:`sums_match_torch` holds."""
+    _compiled()._weighted_sum(tuple(_u16(x) for x in xs), weights.numpy(), np.float32(den), _u16(out))
+    return out
+
+
+@functools.cache
+def sums_match_torch() -> bool:
+    """Whether :func:`weighted_sum` equals torch's float32 ``addcmul_`` chain, on sizes with leftovers."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.tensor([0.6, -0.35, 1.7], dtype=torch.float32)
+    for n in (5, 4099, (1 << 16) + 3):
+        xs = [(torch.randn(n, generator=gen) * 3).bfloat16() for _ in w]
+        acc = torch.zeros(n)
+        for x, c in zip(xs, w.unbind(0)):
+            acc.addcmul_(x, c)
+        want = acc.div_(w.sum()).bfloat16()
+        got = weighted_sum(xs, w, w.sum().item(), torch.empty(n, dtype=torch.bfloat16))
+        if not torch.equal(got.view(torch.int16), want.view(torch.int16)):
             return False
     return True
 

@@ -66,3 +66,31 @@ def test_fused_slerp_takes_the_lerp_branch_on_near_colinear_inputs_as_mergekit_d
     b = (a.float() * 1.0001).bfloat16()
     want = mergekit_slerp(torch.tensor([0.4]), a, b).to(torch.bfloat16)
     assert torch.equal(slerp_pairs([0.4], a, b)[0].view(torch.int16), want.view(torch.int16))
+
+
+def test_the_norm_kernel_copies_this_torch_so_it_is_used():
+    """Fails loudly when torch changes how it sums a norm: the merge would fall back to torch's
+    slower op-by-op path (still bit-equal), and this copy would need updating."""
+    assert kernels.norms_match_torch()
+    a = _bf16(N, 9, scale=5.0)
+    want = torch.stack([torch.linalg.vector_norm(a[s:s + CHUNK].float().reshape(1, -1), dim=1)[0] for s in range(0, N, CHUNK)])
+    assert torch.equal(kernels.chunk_norms(a, CHUNK).view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("weights", [[0.6, 0.4], [0.2, -0.5, 1.3]])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_linear_equals_mergekits_addcmul_chain(weights, normalize):
+    """mergekit 0.1.5's linear: float32 zeros, ``addcmul_`` per model in order, ``div_`` by the
+    weights' sum, cast back. The kernel takes over (sums_match_torch) and must give the same bits."""
+    from mergeserve.merge.methods.linear import linear
+
+    assert kernels.sums_match_torch()
+    xs = [_bf16(N, 10 + i, scale=1 + i) for i, _ in enumerate(weights)]
+    xs[0][:12] = _specials()
+    w = torch.tensor(weights, dtype=torch.float32)
+    acc = torch.zeros(N)
+    for x, c in zip(xs, w.unbind(0)):
+        acc.addcmul_(x, c)
+    want = (acc.div_(w.sum()) if normalize else acc).bfloat16()
+    got = linear(xs, None, weight=weights, normalize=normalize)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
