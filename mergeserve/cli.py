@@ -52,10 +52,6 @@ def _merge_options(a: argparse.Namespace):
 
 
 def _cmd_merge(a: argparse.Namespace) -> int:
-    if not a.plan_only:
-        from mergeserve.merge.kernels import warm_in_background
-
-        warm_in_background()  # numba loads its kernels while torch is imported below
     from mergeserve.merge.stages import load_stages
 
     options = _merge_options(a)
@@ -192,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The ``mergeserve`` command: :func:`main`, then a quick exit where nothing is left to tear down.
 
-    Unloading torch and numba at interpreter exit takes about a second, longer than a tiny merge.
+    Unloading torch at interpreter exit takes about half a second, longer than a tiny merge.
     When this process started no Ray (nothing of ours outlives it then: every output is committed
     and every file closed by the time ``main`` returns), it flushes its streams and ends at once.
     """

@@ -26,5 +26,11 @@ if [ "$EXTRA" = cpu ]; then
 fi
 # Fail here, not in the first test, if the stack does not import.
 .venv/bin/python -c "import mergeserve, torch, safetensors, pydantic, ray, ray.serve, vllm, openai, mergekit, optuna, matplotlib"
+# Compile what a regular install would (an editable one compiles nothing, and with
+# PYTHONDONTWRITEBYTECODE set nothing is ever cached): the bytecode, ~0.5 s of every command's
+# start, and the merge loops (merge/kernels.c, checked against torch), else built by the first merge.
+.venv/bin/python -m compileall -q mergeserve >/dev/null
+.venv/bin/python -c "from mergeserve.merge import kernels; raise SystemExit(not kernels.matches_torch())" ||
+  echo "setup: warning: merge/kernels.c not built (no C compiler?) or not equal to this torch: merges use torch's ops"
 touch "$STAMP"
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,5 +1,6 @@
-"""The fused bfloat16 kernels against the torch expressions they replace, bit for bit, and the
-slerp that uses them against mergekit 0.1.5's own function on tensors of several chunks."""
+"""The fused bfloat16 loops (merge/kernels.c) against the torch expressions they replace, bit for
+bit; the slerp and linear that use them against mergekit 0.1.5's own code on tensors of several
+chunks; and the torch fallback (no C compiler) against the loops."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def test_scaled_product_equals_the_torch_expression_bit_for_bit():
 
 def test_only_contiguous_cpu_bfloat16_is_fusable():
     a = _bf16(64, 5).reshape(8, 8)
+    assert kernels.library() is not None, "no C compiler here: the loops are untested"
     assert kernels.fusable(a, a)
     assert not kernels.fusable(a, a.t())
     assert not kernels.fusable(a, a.float())
@@ -68,10 +70,10 @@ def test_fused_slerp_takes_the_lerp_branch_on_near_colinear_inputs_as_mergekit_d
     assert torch.equal(slerp_pairs([0.4], a, b)[0].view(torch.int16), want.view(torch.int16))
 
 
-def test_the_norm_kernel_copies_this_torch_so_it_is_used():
-    """Fails loudly when torch changes how it sums a norm: the merge would fall back to torch's
-    slower op-by-op path (still bit-equal), and this copy would need updating."""
-    assert kernels.norms_match_torch()
+def test_the_loops_copy_this_torch_so_they_are_used():
+    """Fails loudly when torch changes how it sums a norm or fuses addcmul_: the merge would fall
+    back to torch's slower op-by-op path (still bit-equal), and kernels.c would need updating."""
+    assert kernels.matches_torch()
     a = _bf16(N, 9, scale=5.0)
     want = torch.stack([torch.linalg.vector_norm(a[s:s + CHUNK].float().reshape(1, -1), dim=1)[0] for s in range(0, N, CHUNK)])
     assert torch.equal(kernels.chunk_norms(a, CHUNK).view(torch.int32), want.view(torch.int32))
@@ -81,11 +83,11 @@ def test_the_norm_kernel_copies_this_torch_so_it_is_used():
 @pytest.mark.parametrize("normalize", [True, False])
 def test_fused_linear_equals_mergekits_addcmul_chain(weights, normalize):
     """mergekit 0.1.5's linear: float32 zeros, ``addcmul_`` per model in order, ``div_`` by the
-    weights' sum, cast back. The kernel takes over (sums_match_torch) and must give the same bits."""
+    weights' sum, cast back. The loop takes over (matches_torch) and must give the same bits."""
     from mergeserve.merge.methods.linear import linear
 
-    assert kernels.sums_match_torch()
     xs = [_bf16(N, 10 + i, scale=1 + i) for i, _ in enumerate(weights)]
+    assert kernels.fusable(*xs)
     xs[0][:12] = _specials()
     w = torch.tensor(weights, dtype=torch.float32)
     acc = torch.zeros(N)
@@ -94,3 +96,15 @@ def test_fused_linear_equals_mergekits_addcmul_chain(weights, normalize):
     want = (acc.div_(w.sum()) if normalize else acc).bfloat16()
     got = linear(xs, None, weight=weights, normalize=normalize)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_without_the_loops_slerp_and_linear_give_the_same_bits(monkeypatch):
+    """Where kernels.c cannot be built (no C compiler) the methods use torch's own ops."""
+    from mergeserve.merge.methods.linear import linear
+
+    a, b = _bf16(N, 11), _bf16(N, 12, scale=2.0)
+    fused = slerp_pair(0.3, a, b), linear([a, b], None, weight=[0.7, 0.2])
+    monkeypatch.setattr(kernels, "fusable", lambda *t: False)
+    plain = slerp_pair(0.3, a, b), linear([a, b], None, weight=[0.7, 0.2])
+    for x, y in zip(fused, plain):
+        assert torch.equal(x.view(torch.int16), y.view(torch.int16))

@@ -35,7 +35,7 @@ def _spans(n: int) -> list[tuple[int, int]]:
 
 def _chunk_norms(v: torch.Tensor, dtype: torch.dtype, fused: bool) -> torch.Tensor:
     """Norm of each CHUNK-element piece of flat ``v``, as float32 (or float64) ``[pieces]``."""
-    if fused and kernels.norms_match_torch():
+    if fused:
         return kernels.chunk_norms(v, CHUNK)
     # vector_norm(dtype=...) upcasts inside the reduction: same bits, no float32 copy.
     return torch.stack([torch.linalg.vector_norm(v[s:e], dtype=dtype) for s, e in _spans(v.numel())])
