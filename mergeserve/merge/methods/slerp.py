@@ -52,9 +52,10 @@ def _geometry(va: torch.Tensor, vb: torch.Tensor, dtype: torch.dtype, bx: torch.
     # place: the same operations, in the same order, as ``(x.to(f32) / na) * (y.to(f32) / nb)``
     # (so the same bits), without a fresh 4 MB temporary per step. The buffers stay in cache.
     dots = []
+    scales = (na.item(), nb.item()) if fused else None
     for s, e in _spans(va.numel()):
-        if fused:
-            dots.append(kernels.scaled_product(va[s:e], vb[s:e], na.item(), nb.item(), bx).sum())
+        if scales:
+            dots.append(kernels.scaled_product(va[s:e], vb[s:e], *scales, bx).sum())
             continue
         x, y = bx[: e - s], by[: e - s]
         x.copy_(va[s:e]).div_(na)
