@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     from mergeserve.merge.memory import tune_malloc
 
     tune_malloc()  # before any thread starts (see there)
-    args = build_parser().parse_args(argv)
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
     try:
         return int(handler(args) or 0)
@@ -186,14 +189,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``mergeserve`` command: :func:`main`, then a quick exit where nothing is left to tear down.
+    """The ``mergeserve`` command: :func:`main`, then for this module's own commands (merge,
+    validate, tiny-models) a quick exit when they started no Ray.
 
-    Unloading torch at interpreter exit takes about half a second, longer than a tiny merge.
-    When this process started no Ray (nothing of ours outlives it then: every output is committed
-    and every file closed by the time ``main`` returns), it flushes its streams and ends at once.
+    Unloading torch at interpreter exit takes about half a second, longer than a tiny merge. These
+    commands leave nothing behind once they return (every output committed, every file closed, no
+    child process; nothing of ours registers exit handlers), so the process flushes its streams and
+    ends at once. The other commands (serve, loadtest, sweep) start servers, Ray and child
+    processes, and exit normally.
     """
-    code = main()
-    if "ray" in sys.modules:
+    from mergeserve.merge.memory import tune_malloc
+
+    tune_malloc()
+    args = build_parser().parse_args()
+    code = _dispatch(args)
+    if args.command not in COMMANDS or "ray" in sys.modules:
         sys.exit(code)
     logging.shutdown()
     sys.stdout.flush()
