@@ -75,3 +75,59 @@ void weighted_sum(const uint16_t *const *xs, const float *w, int64_t k, int64_t 
         for (int64_t i = 0; i < m; i++) out[s + i] = bf16_of(acc[i] / den);
     }
 }
+
+#define E4M3_MAX 448.0f /* largest finite float8_e4m3fn */
+#define FP8_BLOCK 128   /* the scale blocks: 128 x 128 */
+
+/* float32 -> float8_e4m3fn bits as torch casts a value in [-448, 448] (or NaN): nearest, ties
+ * to even; below 2**-6 the subnormals, multiples of 2**-9. */
+static inline uint8_t e4m3_of(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    uint32_t sign = (u >> 24) & 0x80u, a = u & 0x7FFFFFFFu;
+    float f;
+    memcpy(&f, &a, sizeof f);
+    /* 2**-6 and up: 3 mantissa bits, the exponent rebiased from 127 to 7 */
+    uint32_t normal = ((a + (((a >> 20) & 1u) + 0x7FFFFu)) >> 20) - ((127u - 7u) << 3);
+    /* below: multiples of 2**-9 (the operand capped so that every lane converts cleanly) */
+    uint32_t sub = (uint32_t)(int32_t)rintf((f < 0x1p-6f ? f : 0x1p-6f) * 512.0f);
+    uint32_t mag = a >= 0x3C800000u ? normal : sub;
+    return (uint8_t)(sign | (a > 0x7F800000u ? 0x7Fu : mag));
+}
+
+/* Block FP8 of a bfloat16 [rows, cols] matrix: scale[R, C] = amax(|block|) / 448 (1 where the
+ * block is all zeros), q = e4m3(clamp(w / scale, -448, 448)); as quantize.py's torch form. */
+void quantize_e4m3_blocks(const uint16_t *w, int64_t rows, int64_t cols, uint8_t *q, float *scale) {
+    int64_t nc = (cols + FP8_BLOCK - 1) / FP8_BLOCK;
+    for (int64_t r0 = 0; r0 < rows; r0 += FP8_BLOCK) {
+        int64_t r1 = rows - r0 < FP8_BLOCK ? rows : r0 + FP8_BLOCK;
+        float *s = scale + (r0 / FP8_BLOCK) * nc;
+        for (int64_t c = 0; c < nc; c++) {
+            int64_t c0 = c * FP8_BLOCK, c1 = cols - c0 < FP8_BLOCK ? cols : c0 + FP8_BLOCK;
+            uint16_t top = 0; /* |x| of non-negative bfloat16 orders as its bits */
+            for (int64_t i = r0; i < r1; i++)
+                for (int64_t j = c0; j < c1; j++) {
+                    uint16_t m = w[i * cols + j] & 0x7FFF;
+                    top = m > top ? m : top;
+                }
+            float amax = f32_of(top);
+            s[c] = amax > 0.0f ? amax / E4M3_MAX : 1.0f;
+        }
+        for (int64_t i = r0; i < r1; i++)
+            for (int64_t c = 0; c < nc; c++) {
+                int64_t c0 = c * FP8_BLOCK, c1 = cols - c0 < FP8_BLOCK ? cols : c0 + FP8_BLOCK;
+                float sc = s[c];
+                const uint16_t *row = w + i * cols;
+                uint8_t *out = q + i * cols;
+                for (int64_t j = c0; j < c1; j++) {
+                    float x = f32_of(row[j]) / sc;
+                    out[j] = e4m3_of(x > E4M3_MAX ? E4M3_MAX : (x < -E4M3_MAX ? -E4M3_MAX : x));
+                }
+            }
+    }
+}
+
+/* e4m3_of over n values, for the tests */
+void e4m3_cast(const float *x, int64_t n, uint8_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = e4m3_of(x[i]);
+}

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from mergeserve.merge import kernels
+
 FP8_BLOCK = "fp8_block"
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -39,13 +41,16 @@ TILE_COLS = 16 * BLOCK
 def quantize_fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[rows, cols] float tensor -> (float8_e4m3fn [rows, cols], float32 scales [R, C]).
 
-    One pass per tile of 128 rows x TILE_COLS columns (whole 128 x 128 blocks), in two reused
+    A contiguous bfloat16 tensor on the CPU goes through :func:`mergeserve.merge.kernels.quantize_e4m3_blocks`
+    (the same bits). Otherwise: one pass per tile of 128 rows x TILE_COLS columns (whole 128 x 128 blocks), in two reused
     float32 buffers that stay in cache: upcast, |x|, each block's amax and scale, divide, clamp,
     cast into the output. These are the operations of the whole-tensor form (upcast, pad with
     zeros, amax, divide, clamp, cast), element by element in the same order, so the bits are the
     same (tests/merge/test_outputs.py); it costs about a third of the CPU, without the five
     tensor-sized temporaries.
     """
+    if kernels.fusable(w):  # one read per block for the amax, one to scale and cast (kernels.c)
+        return kernels.quantize_e4m3_blocks(w)
     rows, cols = w.shape
     R, C = fp8_scale_shape((rows, cols))
     q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=w.device)

@@ -108,3 +108,33 @@ def test_without_the_loops_slerp_and_linear_give_the_same_bits(monkeypatch):
     plain = slerp_pair(0.3, a, b), linear([a, b], None, weight=[0.7, 0.2])
     for x, y in zip(fused, plain):
         assert torch.equal(x.view(torch.int16), y.view(torch.int16))
+
+
+def test_the_fp8_cast_equals_torchs_on_every_bfloat16_value_and_every_tie():
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.bfloat16).float()
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].sort().values
+    ties = (grid[1:] + grid[:-1]) / 2  # halfway between neighbours: rounds to the even one
+    x = torch.cat([x[torch.isfinite(x) & (x.abs() <= 448)], ties, -ties, torch.rand(100_000) * 896 - 448])
+    want = x.to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(kernels.e4m3_cast(x.contiguous()).view(torch.uint8), want)
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (300, 131), (1, 5), (129, 128)])
+def test_fused_fp8_blocks_equal_the_torch_form(shape, monkeypatch):
+    from mergeserve.merge.quantize import quantize_fp8_block, quantize_fp8_block_reference
+
+    w = _bf16(shape[0] * shape[1], 13, scale=0.05).reshape(shape)
+    w[:, : min(shape[1], 3)] = 0  # a column of blocks partly zero
+    if shape[0] >= 129:
+        w[128:, :] = 0  # a row of blocks all zero: scale 1
+    k = min(12, w.numel())
+    w.view(-1)[:k] = _specials().nan_to_num(nan=0.0, posinf=3e38, neginf=-3e38)[:k]
+    assert kernels.fusable(w)
+    got = quantize_fp8_block(w)
+    want = quantize_fp8_block_reference(w)
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+    monkeypatch.setattr(kernels, "fusable", lambda *t: False)
+    tiled = quantize_fp8_block(w)  # the torch tiles, where the loops are off
+    assert torch.equal(tiled[0].view(torch.uint8), got[0].view(torch.uint8)) and torch.equal(tiled[1], got[1])
