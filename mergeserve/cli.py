@@ -170,10 +170,14 @@ COMMANDS = {"merge": _cmd_merge, "validate": _cmd_validate, "tiny-models": _cmd_
 
 
 def main(argv: list[str] | None = None) -> int:
+    return _dispatch(_parse(argv))
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     from mergeserve.merge.memory import tune_malloc
 
     tune_malloc()  # before any thread starts (see there)
-    return _dispatch(build_parser().parse_args(argv))
+    return build_parser().parse_args(argv)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -198,10 +202,7 @@ def run() -> None:
     ends at once. The other commands (serve, loadtest, sweep) start servers, Ray and child
     processes, and exit normally.
     """
-    from mergeserve.merge.memory import tune_malloc
-
-    tune_malloc()
-    args = build_parser().parse_args()
+    args = _parse(None)
     code = _dispatch(args)
     if args.command not in COMMANDS or "ray" in sys.modules:
         sys.exit(code)

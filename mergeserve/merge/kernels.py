@@ -33,10 +33,8 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +113,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def fusable(*tensors: torch.Tensor) -> bool:
     """Whether these tensors can go through the loops: contiguous bfloat16 on the CPU, and the
     loops built and equal to this torch (:func:`matches_torch`)."""
-    import torch
-
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) and matches_torch()
 
 
 def chunk_norms(a: torch.Tensor, chunk: int) -> torch.Tensor:
     """L2 norm of each ``chunk``-element piece of bfloat16 ``a`` (shape ``[n]``) -> float32 ``[ceil(n / chunk)]``;
     bit for bit ``torch.linalg.vector_norm(a[s:s + chunk].float().reshape(1, -1), dim=1)`` per piece."""
-    import torch
-
     out = torch.empty(-(-a.numel() // chunk), dtype=torch.float32)
     library().chunk_norms(a.data_ptr(), a.numel(), chunk, out.data_ptr())
     return out
@@ -158,8 +152,6 @@ def quantize_e4m3_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Block FP8 of a contiguous bfloat16 ``[rows, cols]``: (float8_e4m3fn ``[rows, cols]``,
     float32 scales ``[ceil(rows / 128), ceil(cols / 128)]``), bit for bit
     :func:`mergeserve.merge.quantize.quantize_fp8_block_reference`."""
-    import torch
-
     rows, cols = w.shape
     q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn)
     scale = torch.empty((-(-rows // 128), -(-cols // 128)), dtype=torch.float32)
@@ -169,8 +161,6 @@ def quantize_e4m3_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def e4m3_cast(x: torch.Tensor) -> torch.Tensor:
     """float32 ``[n]`` in [-448, 448] -> float8_e4m3fn ``[n]``: the loops' own cast (tests)."""
-    import torch
-
     out = torch.empty(x.numel(), dtype=torch.float8_e4m3fn)
     library().e4m3_cast(x.data_ptr(), x.numel(), out.data_ptr())
     return out
@@ -180,8 +170,6 @@ def e4m3_cast(x: torch.Tensor) -> torch.Tensor:
 def matches_torch() -> bool:
     """Whether the loops are built and each equals this torch's own ops, on sizes with leftovers
     (a torch that sums a norm in other lanes, or fuses differently, turns them off)."""
-    import torch
-
     if library() is None:
         return False
     gen = torch.Generator().manual_seed(0)
@@ -199,28 +187,20 @@ def matches_torch() -> bool:
             chunk_norms(a, n), scaled_product(a, b, 3.3, 0.7, torch.empty(n)),
             combine(a, b, 0.3, -1.9, torch.empty_like(a)), weighted_sum((a, b, c), w, w.sum().item(), torch.empty_like(a)),
         ]
-        if not all(_same_bits(want, have) for want, have in zip((norms, product, mixed, linear), got)) or not _fp8_matches(a, n):
+        if not all(_same_bits(want, have) for want, have in zip((norms, product, mixed, linear), got)) or not _fp8_matches(a):
             log.info("the merge loops differ from this torch: merge math uses torch's ops")
             return False
     return True
 
 
-def _fp8_matches(a: torch.Tensor, n: int) -> bool:
+def _fp8_matches(a: torch.Tensor) -> bool:
     from mergeserve.merge.quantize import quantize_fp8_block_reference
 
+    n = a.numel()
     w = a[: n - n % 131].reshape(-1, 131) if n >= 131 else a.reshape(1, -1)
     want, have = quantize_fp8_block_reference(w), quantize_e4m3_blocks(w)
-    return _same_bytes(want[0], have[0]) and _same_bits(want[1], have[1])
-
-
-def _same_bytes(x: torch.Tensor, y: torch.Tensor) -> bool:
-    import torch
-
-    return torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+    return all(_same_bits(x, y) for x, y in zip(want, have))
 
 
 def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
-    import torch
-
-    bits = torch.int16 if x.dtype == torch.bfloat16 else torch.int32
-    return x.dtype == y.dtype and torch.equal(x.view(bits), y.view(bits))
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))

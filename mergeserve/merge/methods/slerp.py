@@ -41,9 +41,8 @@ def _chunk_norms(v: torch.Tensor, dtype: torch.dtype, fused: bool) -> torch.Tens
     return torch.stack([torch.linalg.vector_norm(v[s:e], dtype=dtype) for s, e in _spans(v.numel())])
 
 
-def _geometry(va: torch.Tensor, vb: torch.Tensor, dtype: torch.dtype, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+def _geometry(va: torch.Tensor, vb: torch.Tensor, dtype: torch.dtype, bx: torch.Tensor, by: torch.Tensor, *, fused: bool) -> torch.Tensor:
     """The clamped cosine between two flat vectors, accumulated per chunk as mergekit does."""
-    fused = kernels.fusable(va, vb) and dtype == torch.float32  # one pass a step, same bits (kernels.py)
     na = torch.linalg.vector_norm(_chunk_norms(va, dtype, fused))
     nb = torch.linalg.vector_norm(_chunk_norms(vb, dtype, fused))
     na = torch.where(na > EPS, na, 1)
@@ -64,7 +63,9 @@ def _geometry(va: torch.Tensor, vb: torch.Tensor, dtype: torch.dtype, bx: torch.
     return torch.stack(dots).sum().clamp(-1, 1)
 
 
-def _apply(t: float, dot: torch.Tensor, a: torch.Tensor, va: torch.Tensor, vb: torch.Tensor, bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+def _apply(
+    t: float, dot: torch.Tensor, a: torch.Tensor, va: torch.Tensor, vb: torch.Tensor, bx: torch.Tensor, by: torch.Tensor, *, fused: bool
+) -> torch.Tensor:
     """``ca * a + cb * b`` in ``bx.dtype``, chunk by chunk in place, cast to a's dtype and shape."""
     dtype = bx.dtype
     tt = torch.tensor(t, dtype=torch.float32).to(dtype=dtype, device=a.device)
@@ -74,7 +75,7 @@ def _apply(t: float, dot: torch.Tensor, a: torch.Tensor, va: torch.Tensor, vb: t
     ca = torch.where(colinear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     cb = torch.where(colinear, tt, torch.sin(tt * theta) / sin_theta)
     out = torch.empty(va.shape, dtype=a.dtype, device=a.device)
-    if kernels.fusable(va, vb) and dtype == torch.float32:  # one pass, same bits (see kernels.py)
+    if fused:
         kernels.combine(va, vb, ca.item(), cb.item(), out)
         return out.reshape(a.shape)
     for s, e in _spans(va.numel()):  # same ops and order as ca * x.to(f32) + cb * y.to(f32)
@@ -98,8 +99,9 @@ def slerp_pairs(ts: Sequence[float], a: torch.Tensor, b: torch.Tensor) -> list[t
         return [a.clone() for _ in ts]
     bx = torch.empty(min(CHUNK, n), dtype=dtype, device=a.device)
     by = torch.empty(min(CHUNK, n), dtype=dtype, device=a.device)
-    dot = _geometry(va, vb, dtype, bx, by)
-    return [_apply(t, dot, a, va, vb, bx, by) for t in ts]
+    fused = kernels.fusable(va, vb)  # bfloat16 on the CPU: one pass a step, same bits (kernels.py)
+    dot = _geometry(va, vb, dtype, bx, by, fused=fused)
+    return [_apply(t, dot, a, va, vb, bx, by, fused=fused) for t in ts]
 
 
 def slerp_pair(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
